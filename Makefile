@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export NM_DISABLE_ANALYTICS := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt "setuptools<81" wheel
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,ray]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/whatislost-train --config examples/quickstart_train.yaml --loss supcon --recipe recipes/gmp.yaml \
+		--sparsity 0.7 --out runs/demo --overwrite
+	@echo "demo output: runs/demo (metrics.csv, model.pt, recipe.yaml)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs sparse_logs .pytest_cache

@@ -1,0 +1,11 @@
+"""whatislost: what magnitude pruning does to supervised and contrastive representations.
+
+A SparseML plugin reproducing Corti, Entezari, Hooker, Bacciu, Saukh (2022),
+"Studying the impact of magnitude pruning on contrastive learning methods".
+"""
+import os
+
+# SparseML phones home on import unless told not to; set before any sparseml import.
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+__version__ = "0.1.0"
