@@ -6,6 +6,9 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 import pytest
 import torch
 
+# tests are tiny: more threads only add contention on small CI machines (session fixtures included)
+torch.set_num_threads(1)
+
 from whatislost.config import TrainConfig
 from whatislost.data import load_digits
 
@@ -32,8 +35,20 @@ def dense_ce_run(tmp_path_factory, digits):
     return train(tiny_config(tmp_path_factory.mktemp("runs") / "dense", recipe="dense", epochs=6), data=digits)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # tests are tiny: more threads only add contention on small CI machines
-    torch.set_num_threads(1)
-    yield
+@pytest.fixture(scope="session")
+def tiny_populations(tmp_path_factory, digits):
+    """Finished runs of tiny populations on digits: Sup and SCL, dense and GMP 50%, two seeds each,
+    plus Sup One-Shot 50% from the dense Sup runs. Returns the runs folder."""
+    from whatislost.train import train
+
+    root = tmp_path_factory.mktemp("populations")
+    for loss in ("ce", "supcon"):
+        for seed in (0, 1):
+            dense = train(tiny_config(root / f"{loss}-dense-seed{seed}", recipe="recipes/dense.yaml", loss=loss,
+                                      seed=seed, epochs=4), data=digits)
+            train(tiny_config(root / f"{loss}-gmp50-seed{seed}", recipe="recipes/gmp.yaml", loss=loss, sparsity=0.5,
+                              seed=seed, epochs=4), data=digits)
+            if loss == "ce":
+                train(tiny_config(root / f"{loss}-oneshot50-seed{seed}", recipe="recipes/oneshot.yaml", loss=loss,
+                                  sparsity=0.5, seed=seed, init=str(dense)), data=digits)
+    return root

@@ -246,8 +246,8 @@ def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     if ckpt.get("loss") != cfg.loss:
         raise UserError(f"--init {cfg.init} was trained with loss '{ckpt.get('loss')}', but loss is '{cfg.loss}'")
     want = dict(depth=cfg.depth, widen=cfg.widen, in_channels=data.in_channels, num_classes=data.num_classes)
-    if ckpt["arch"] != want or ckpt.get("dataset") != cfg.dataset:
-        raise UserError(f"--init {cfg.init} is a {ckpt.get('dataset')} {ckpt['arch']} model, not {cfg.dataset} {want}")
+    if ckpt["arch"] != want or ckpt.get("dataset") != data.name:
+        raise UserError(f"--init {cfg.init} is a {ckpt.get('dataset')} {ckpt['arch']} model, not {data.name} {want}")
     return ckpt
 
 
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = Fal
     test_acc = evaluate()
     model.head = None
     meta = dict(config=cfg.to_dict(), config_hash=cfg.hash(), recipe=str(manager), method=cfg.method, loss=cfg.loss,
-                dataset=cfg.dataset, classes=list(data.classes), target_sparsity=cfg.sparsity, sparsity=sparsity,
+                dataset=data.name, classes=list(data.classes), target_sparsity=cfg.sparsity, sparsity=sparsity,
                 layer_sparsity=layer_sparsity, test_acc=test_acc, seed=cfg.seed, init=cfg.init)
     save_checkpoint(run_dir, model, **meta)
     write_done(run_dir, dict(config_hash=cfg.hash(), test_acc=test_acc, sparsity=sparsity))
