@@ -14,7 +14,9 @@ pool, which uses every core whatever n_jobs says).
 Each side runs in its own worker process, so that memory figures are its own;
 the two workers take turns probe by probe (torch, sklearn, torch, ...), so that
 load from other jobs on a shared machine falls on both alike. Times are
-wall-clock seconds per probe (k-NN fit + predict), the minimum over --repeat runs.
+wall-clock seconds per probe (k-NN fit + predict; on cuda including the copies
+to and from the GPU), the minimum over --repeat runs; "cpu-s" is the CPU time
+(all threads) of that run, less sensitive to other jobs on a shared machine.
 Memory, per process:
     peak RSS       = the worker's peak resident set size at the end (Linux VmHWM;
                      includes Python, the torch or sklearn import and the input
@@ -109,8 +111,8 @@ class Side:
         self.preds = [None] * args.probes
         self.info["base_rss"] = maxrss_bytes()
 
-    def run(self, p: int) -> float:
-        t0 = time.perf_counter()
+    def run(self, p: int) -> dict:
+        t0, c0 = time.perf_counter(), time.process_time()
         if self.args.worker == "torch":
             refs, ref_labels, queries = self.tensors[p]
             pred = self.knn_predict(refs, ref_labels, queries, k=K, num_classes=NUM_CLASSES,
@@ -119,9 +121,9 @@ class Side:
             refs, ref_labels, queries, _ = self.probes[p]
             clf = self.knn_cls(n_neighbors=K, weights="uniform", algorithm="brute", n_jobs=self.args.sklearn_jobs)
             pred = clf.fit(refs, ref_labels).predict(queries)
-        seconds = time.perf_counter() - t0
+        timing = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
         self.preds[p] = pred
-        return seconds
+        return timing
 
     def finish(self) -> dict:
         np.save(self.args.out, np.stack(self.preds))
@@ -138,7 +140,7 @@ def worker(args) -> None:
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "run":
-            print(json.dumps({"seconds": side.run(int(cmd[1]))}), flush=True)
+            print(json.dumps(side.run(int(cmd[1]))), flush=True)
         elif cmd[0] == "finish":
             print(json.dumps(side.finish()), flush=True)
             return
@@ -211,16 +213,19 @@ def main() -> None:
         for p in range(args.probes):
             for _ in range(args.repeat):
                 for name, w in sides.items():
-                    times[name][p].append(w.ask(f"run {p}")["seconds"])
+                    reply = w.ask(f"run {p}")
+                    times[name][p].append((reply["seconds"], reply["cpu_seconds"]))
         ours = sides["torch"].close()
         ours_preds = np.load(os.path.join(tmp, "torch.npy"))
         theirs = None
         if "sklearn" in sides:
             theirs = sides["sklearn"].close()
             theirs_preds = np.load(os.path.join(tmp, "sklearn.npy"))
-    ours["seconds"] = [min(t) for t in times["torch"]]
+    ours["seconds"] = [min(t)[0] for t in times["torch"]]
+    ours["cpu_seconds"] = [min(t)[1] for t in times["torch"]]  # CPU time of the fastest run
     if theirs:
-        theirs["seconds"] = [min(t) for t in times["sklearn"]]
+        theirs["seconds"] = [min(t)[0] for t in times["sklearn"]]
+        theirs["cpu_seconds"] = [min(t)[1] for t in times["sklearn"]]
     # torch only now, after the workers are gone: keeps the parent small while they run
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
@@ -233,15 +238,16 @@ def main() -> None:
     chunk = min(ours["chunk_size"], args.queries)
     print(f"torch: threads={ours['threads']} chunk_size={chunk} queries/block "
           f"(block {chunk * args.refs * 4 / 2**20:.0f} MiB); sklearn n_jobs={args.sklearn_jobs}")
-    print(f"{'probe':>5} {'torch s':>9} {'sklearn s':>10} {'ratio':>7} {'mismatches':>10}")
+    print(f"{'probe':>5} {'torch s':>9} {'sklearn s':>10} {'ratio':>7} {'mismatches':>10}"
+          f" {'torch cpu-s':>12} {'sklearn cpu-s':>14}")
     for p in range(args.probes):
-        t = ours["seconds"][p]
+        t, tc = ours["seconds"][p], ours["cpu_seconds"][p]
         if theirs:
-            s = theirs["seconds"][p]
+            s, sc = theirs["seconds"][p], theirs["cpu_seconds"][p]
             mism = int((ours_preds[p] != theirs_preds[p]).sum())
-            print(f"{p:>5} {t:>9.3f} {s:>10.3f} {s / t:>7.2f} {mism:>10}")
+            print(f"{p:>5} {t:>9.3f} {s:>10.3f} {s / t:>7.2f} {mism:>10} {tc:>12.3f} {sc:>14.3f}")
         else:
-            print(f"{p:>5} {t:>9.3f}")
+            print(f"{p:>5} {t:>9.3f} {'':>10} {'':>7} {'':>10} {tc:>12.3f}")
     total_t = sum(ours["seconds"])
     line = f"total torch {total_t:.2f} s"
     if theirs:
