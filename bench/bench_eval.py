@@ -75,13 +75,14 @@ def bare_passes(runs, dataset, data_root, depth_models, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", choices=["cifar", "digits"], default="cifar" if CIFAR.exists() else "digits")
+    p.add_argument("--data", choices=["cifar", "digits"], default="cifar")
     p.add_argument("--models", type=int, default=3, help="models per population (2 populations)")
     p.add_argument("--depth-models", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-umap", action="store_true")
+    p.add_argument("--data-root", default=str(CIFAR), help="cifar10-jpeg.tar.gz (for --data cifar)")
     args = p.parse_args()
-    dataset, data_root = ("imagefolder", str(CIFAR)) if args.data == "cifar" else ("digits", "")
+    dataset, data_root = ("imagefolder", args.data_root) if args.data == "cifar" else ("digits", "")
     data = load_data(dataset, data_root)  # warm the decoded-tensor cache so neither side pays for JPEG decoding
     root = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     try:

@@ -93,14 +93,14 @@ def file_sha1(path: Path) -> str:
 
 @torch.no_grad()
 def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, batch_size: int = 1000):
-    """x (N, C, H, W) uint8 -> dict(preds (N,), h (N, D), hidden [P x (N, D_p)] if asked), on CPU."""
+    """x (N, C, H, W) uint8 -> dict(preds (N,), h (N, D) on CPU; hidden [P x (N, D_p)] on `device` if asked)."""
     mean, std = data.mean.to(device).view(1, -1, 1, 1), data.std.to(device).view(1, -1, 1, 1)
     preds, hs, probes = [], [], []
     for start in range(0, len(x), batch_size):
         xb = ((x[start:start + batch_size].to(device).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
         if hidden:
             h, hid = model.encoder(xb, return_hidden=True)
-            probes.append([t.float().cpu() for t in hid])
+            probes.append([t.float() for t in hid])  # stay on the device: the kNN probes run there next
         else:
             h = model.encoder(xb)
         preds.append(model.classifier(h).argmax(1).cpu())
