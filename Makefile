@@ -16,9 +16,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/whatislost-train --config examples/quickstart_train.yaml --loss supcon --recipe recipes/gmp.yaml \
-		--sparsity 0.7 --out runs/demo --overwrite
-	@echo "demo output: runs/demo (metrics.csv, model.pt, recipe.yaml)"
+	$(BIN)/whatislost-study examples/quickstart.yaml --out runs/quickstart
+	@echo "report: $(CURDIR)/runs/quickstart/eval/report/index.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

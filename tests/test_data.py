@@ -64,3 +64,11 @@ def test_loader_length_is_steps_per_epoch(digits):
     assert len(views) == 2 and views[0].shape == (128, 1, 8, 8) and not torch.equal(views[0], views[1])
     evals = BatchLoader(digits.test_x, digits.test_y, digits.mean, digits.std, 100)
     assert len(evals) == 5 and sum(len(y) for _, y in evals) == len(digits.test_x)
+
+
+def test_cifar10_offline_error_names_the_folder(tmp_path):
+    from whatislost.config import UserError
+    from whatislost.data import load_cifar10
+
+    with pytest.raises(UserError, match=f"CIFAR-10 not found in '{tmp_path}'.*imagefolder"):
+        load_cifar10(str(tmp_path))
