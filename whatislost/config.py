@@ -82,6 +82,7 @@ class TrainConfig:
     finetune_nesterov: bool = True
     # pruning: a SparseML recipe and its variables
     recipe: str = "recipes/dense.yaml"
+    method: str = ""  # population name of the schedule (default: the recipe file's stem: gmp, oneshot, ...)
     sparsity: float = 0.0  # passed to the recipe as `target_sparsity`
     recipe_vars: dict = field(default_factory=dict)  # extra recipe variables, e.g. prune_start
     sparsity_tolerance: float = 0.005  # fail the run if achieved sparsity is further off
@@ -93,11 +94,6 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for forward/backward
     eval_every: int = 1  # test accuracy every N epochs (0: only at the end)
     out: str = ""  # run directory; default runs/<name>
-
-    @property
-    def method(self) -> str:
-        """Pruning method name: the recipe file's stem (dense, gmp, delta_gmp, oneshot, ...)."""
-        return Path(self.recipe).stem
 
     @property
     def model_name(self) -> str:
@@ -222,6 +218,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("epochs", "batch_size", "linear_batch_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be >= 1; got {getattr(cfg, key)}")
+    if not cfg.method:
+        cfg.method = Path(cfg.recipe).stem
     if cfg.dataset != "digits" and not cfg.data_root:
         raise UserError(f"dataset '{cfg.dataset}' needs data_root (--data-root or data_root=...)")
     return cfg

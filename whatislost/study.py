@@ -60,7 +60,7 @@ STUDY_KEYS = ("name", "train", "losses", "methods", "sparsities", "seeds", "eval
 METHOD_KEYS = ("recipe", "losses", "train", "from_dense")
 # TrainConfig keys the grid sets for every run; a study file must not set them
 GRID_KEYS = {"loss": "losses", "recipe": "methods.<name>.recipe", "sparsity": "sparsities", "seed": "seeds",
-             "init": "methods.<name>.from_dense", "out": "--out", "threads": "--threads"}
+             "init": "methods.<name>.from_dense", "out": "--out", "threads": "--threads", "method": "methods.<name>"}
 
 
 # ---------------------------------------------------------------- the study file
@@ -279,7 +279,8 @@ def run_config(study: Study, out: Path, loss: str, method: str, sparsity: float,
         if spec.from_dense:
             # relative to where the study runs, so the hash does not change with how --out is spelled
             cfg.init = os.path.relpath(out / "runs" / run_name(loss, DENSE, 0.0, seed))
-    cfg.loss, cfg.recipe, cfg.sparsity, cfg.seed = loss, recipe, sparsity, seed
+    # the study's method name labels the population, so two methods may share one recipe file
+    cfg.loss, cfg.recipe, cfg.sparsity, cfg.seed, cfg.method = loss, recipe, sparsity, seed, method
     cfg.out = str(out / "runs" / run_name(loss, method, sparsity, seed))
     try:
         return validate(cfg)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml loads)
 
-from .config import TrainConfig, UserError, load_config, parse_overrides, resolve_recipe, run_cli, save_config
+from .config import TrainConfig, UserError, load_config, parse_overrides, resolve_recipe, run_cli, save_config, validate
 from .data import BatchLoader, ImageData, load_data, make_augment
 from .losses import supcon_loss
 from .models import WideResNet
@@ -275,7 +275,8 @@ def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = Fal
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.method == "oneshot" and not cfg.init:
+    validate(cfg)
+    if Path(cfg.recipe).stem == "oneshot" and not cfg.init:
         raise UserError("the One-Shot recipe prunes a trained model: pass --init DENSE_RUN_DIR")
     pruned_stage_epochs = cfg.finetune_epochs if cfg.init else cfg.epochs
     manager = load_manager(cfg, pruned_stage_epochs)
