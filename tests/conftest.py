@@ -14,6 +14,20 @@ from whatislost.data import load_digits
 
 
 
+def write_imagefolder(root, classes, n_train, n_test, size):
+    """root/{train,test}/<class>/<i>.png of random RGB size x size images; returns root."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+                write_png(image, str(root / split / cls / f"{i}.png"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_digits()

@@ -3,6 +3,7 @@ import tarfile
 import pytest
 import torch
 
+from conftest import write_imagefolder
 from whatislost.data import BatchLoader, load_imagefolder, make_augment
 
 
@@ -17,15 +18,7 @@ def test_digits_split_is_fixed_and_stratified(digits):
 
 @pytest.fixture
 def tiny_imagefolder(tmp_path):
-    from torchvision.io import write_png
-
-    root = tmp_path / "tiny" / "pics"
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for cls in ("cat", "dog"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                write_png(torch.randint(0, 256, (3, 6, 6), generator=g, dtype=torch.uint8), str(root / split / cls / f"{i}.png"))
+    root = write_imagefolder(tmp_path / "tiny" / "pics", ("cat", "dog"), n_train=4, n_test=2, size=6)
     archive = tmp_path / "pics.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="pics")

@@ -4,7 +4,6 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
 
 from whatislost import metrics
 from whatislost.config import run_cli
@@ -119,18 +118,10 @@ def test_unknown_metric_is_exit_2(tiny_populations, capsys):
 
 
 def test_mixed_datasets_are_scored_separately(tiny_populations, tmp_path, digits):
-    from torchvision.io import write_png
-
-    from conftest import tiny_config
+    from conftest import tiny_config, write_imagefolder
     from whatislost.train import train
 
-    root = tmp_path / "imgs"
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 20), ("test", 6)):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                write_png(torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8), str(root / split / cls / f"{i}.png"))
+    root = write_imagefolder(tmp_path / "imgs", ("a", "b"), n_train=20, n_test=6, size=8)
     runs = copy_runs(tiny_populations, tmp_path / "runs", ["ce-dense-seed0", "ce-gmp50-seed0"])
     train(tiny_config(runs / "img-dense", dataset="imagefolder", data_root=str(root), recipe="recipes/dense.yaml",
                       epochs=1, batch_size=8))

@@ -131,20 +131,13 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     elif typ is dict:
         if isinstance(value, dict):
             return dict(value)
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif typ in (int, float):
+        # ints are valid floats; floats and booleans are not valid ints
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (typ is float or isinstance(value, int)):
+            return typ(value)
         if isinstance(value, str):
             try:
-                return float(value)
-            except ValueError:
-                pass
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
+                return typ(value)
             except ValueError:
                 pass
     elif typ is str:
