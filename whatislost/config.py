@@ -154,6 +154,13 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def unknown_key(key: str, allowed, where: str, what: str = "key") -> UserError:
+    """The error for a key that does not exist, naming the nearest valid one."""
+    near = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return UserError(f"unknown {what} '{key}' in {where}{hint}")
+
+
 def apply_overrides(cfg, values: dict, source: str):
     """Set `values` on the dataclass `cfg`; keys must exist. `a.b=v` sets key b of dict field a."""
     types = get_type_hints(type(cfg))
@@ -161,9 +168,7 @@ def apply_overrides(cfg, values: dict, source: str):
     for key, value in values.items():
         head, _, sub = key.partition(".")
         if head not in types:
-            near = difflib.get_close_matches(head, names, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise UserError(f"unknown config key '{head}' in {source}{hint}")
+            raise unknown_key(head, names, source, what="config key")
         if sub:
             if types[head] is not dict:
                 raise UserError(f"config key '{head}' is not a mapping; '{key}' is invalid")

@@ -28,13 +28,11 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
-import difflib
 import logging
 import multiprocessing
 import os
 import re
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -43,6 +41,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -50,8 +49,9 @@ import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml load
 
 from . import train as trainer
 from .config import (CHOICES, TrainConfig, UserError, apply_overrides, parse_overrides, read_yaml, resolve_recipe,
-                     run_cli, validate)
+                     run_cli, unknown_key, validate)
 from .data import load_data
+from .metrics import mean_std
 from .rundir import is_finished, read_done
 
 DENSE = "dense"
@@ -98,9 +98,7 @@ class Study:
 def reject_unknown(values: dict, allowed, where: str):
     for key in values:
         if key not in allowed:
-            near = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise UserError(f"unknown key '{key}' in {where}{hint}")
+            raise unknown_key(key, allowed, where)
 
 
 def mapping(value, where: str) -> dict:
@@ -607,8 +605,9 @@ def summary(study: Study, runs: list[Run], results: dict, seconds: float) -> str
         for population, values in accs.items():
             if not values:
                 continue
-            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            lines.append(f"  {population:<22} {len(values):>4}  {statistics.mean(values):.2f}{spread}")
+            # the same population std (ddof=0) as the eval's tables, so the two agree
+            mean, std = mean_std(torch.tensor(values))
+            lines.append(f"  {population:<22} {len(values):>4}  {mean:.2f} ± {std:.2f}")
     failed = [r for r in results.values() if r["status"] == "failed"]
     if failed:
         lines.append("failed runs (no done.json; run the same command again to retry them):")
