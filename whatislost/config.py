@@ -38,6 +38,12 @@ def resolve_recipe(name: str) -> Path:
                     f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))})")
 
 
+def first_line(err: Exception) -> str:
+    """An exception as one line: the first line of its message, else its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_cli(main, argv=None, prog: str = "whatislost") -> int:
     """Run `main(argv)`; turn `UserError` into one line on stderr and exit code 2."""
     try:
@@ -196,7 +202,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}")
+        raise UserError(f"config file {path} is not valid YAML: {first_line(err)}")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
     return data

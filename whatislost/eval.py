@@ -35,9 +35,9 @@ import torch
 
 import whatislost  # noqa: F401
 
-from . import metrics
-from .config import UserError, run_cli
+from .config import UserError, first_line, run_cli
 from .data import ImageData, load_data
+from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
 from .rundir import CHECKPOINT, find_runs, load_checkpoint
 from .models import build_model
 from .tables import LOSS_NAMES, METHOD_NAMES, write_tables
@@ -139,7 +139,7 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
         if need_depth:
             train_hidden = forward_pass(model, data.train_x, data, device, hidden=True)["hidden"]
             ref = data.test_y if reference == "label" else test["preds"]
-            depth = metrics.prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
+            depth = prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
                                              num_classes=data.num_classes, device=device)
             cache.setdefault("depth", {})[depth_key] = depth
         torch.save(cache, cache_path)
@@ -165,7 +165,7 @@ def collect_populations(runs_dir: Path, log: list) -> dict:
             key = PopKey(ckpt["dataset"], f"wrn{cfg['depth']}-{cfg['widen']}", ckpt["loss"], ckpt["method"],
                          round(100 * ckpt["target_sparsity"]))
         except Exception as err:
-            _warn(f"cannot load checkpoint of {run_dir}: {str(err).splitlines()[0] if str(err) else type(err).__name__}", log)
+            _warn(f"cannot load checkpoint of {run_dir}: {first_line(err)}", log)
             continue
         pop = pops.setdefault(key, Population(key))
         pop.runs.append((ckpt.get("seed", 0), run_dir, cfg))
@@ -188,16 +188,16 @@ def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | No
     row = dict(dataset=k.dataset, model=k.model, loss=k.loss, method=k.method, sparsity=k.sparsity,
                population=k.label, n_models=len(pop.outputs), modal_tied=pop.modal_tied,
                runs=[str(r[1]) for r in pop.runs])
-    row["acc_mean"], row["acc_std"] = metrics.mean_std(torch.tensor([100 * o["acc"] for o in pop.outputs]))
+    row["acc_mean"], row["acc_std"] = mean_std(torch.tensor([100 * o["acc"] for o in pop.outputs]))
     if pie is not None:
         row["pie_count"], row["pie_tied"] = int(pie["mask"].sum()), pie["tied"]
     if pop.q is not None:
         for name in ("q", "z", "l1"):
-            row[f"{name}_mean"], row[f"{name}_std"] = metrics.mean_std(pop.q[name])
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(pop.q[name])
     if pop.depth is not None and pd_mask is not None:
         row["depth_models"] = pop.n_depth
-        row["pd_pie_mean"], row["pd_pie_std"] = metrics.mean_std(pop.depth[pd_mask])
-        row["pd_nonpie_mean"], row["pd_nonpie_std"] = metrics.mean_std(pop.depth[~pd_mask])
+        row["pd_pie_mean"], row["pd_pie_std"] = mean_std(pop.depth[pd_mask])
+        row["pd_nonpie_mean"], row["pd_nonpie_std"] = mean_std(pop.depth[~pd_mask])
     return row
 
 
@@ -211,13 +211,61 @@ def umap_coordinates(h: torch.Tensor, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the whole evaluation
-def run_eval(runs_dir, out=None, device="cpu", metrics_on=None, depth_models: int = 5, knn_k: int = 30,
-             tie_break: str = "min", depth_reference: str = "label", report: bool = True, **kw) -> Path:
-    """Score every population under runs_dir; write tables, summary.json and figure data; return the eval dir."""
-    metrics_on = tuple(kw.pop("metrics", None) or metrics_on or ALL_METRICS)
-    if kw:
-        raise TypeError(f"unexpected arguments {sorted(kw)}")
-    unknown = set(metrics_on) - set(ALL_METRICS)
+def score_population(pop: Population, data: ImageData, device, metrics, depth_models, knn_k, reference,
+                     tie_break, log) -> int:
+    """Per-model outputs (cached) and per-sample population values of one population; returns how
+    many models had to be computed (the rest came from the cache)."""
+    computed = 0
+    for i, (_, run_dir, _) in enumerate(pop.runs):
+        depth_key = f"k{knn_k}-{reference}" if "depth" in metrics and i < depth_models else None
+        try:
+            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference)
+        except Exception as err:  # one bad checkpoint must not stop the others
+            _warn(f"run {run_dir} failed to score: {first_line(err)}", log)
+            continue
+        computed += o.pop("computed")
+        o["acc"] = float((o["preds"] == data.test_y).float().mean())
+        pop.outputs.append(o)
+    if not pop.outputs:
+        return computed
+    pop.data = data
+    pop.modal, pop.modal_tied = modal_labels(torch.stack([o["preds"] for o in pop.outputs]), data.num_classes, tie_break)
+    if "qscore" in metrics:
+        per_model = [q_score(o["h"]) for o in pop.outputs]
+        # per-sample values averaged over the population's models (paper Tables 4-5)
+        pop.q = {name: torch.stack([q[name] for q in per_model]).mean(0) for name in ("q", "z", "l1")}
+    depths = [o["depth"] for o in pop.outputs if "depth" in o]
+    if depths:
+        pop.depth, pop.n_depth = torch.stack(depths).mean(0), len(depths)
+    return computed
+
+
+def find_pies(scored: dict, tie_break: str, log: list) -> dict:
+    """{pruned PopKey: {mask (N,) bool, tied}}: each pruned population against the dense population
+    of the same data set, model and loss (Hooker et al. 2019)."""
+    pies = {}
+    for key, pop in scored.items():
+        if key.method == "dense":
+            continue
+        dense = scored.get(dense_key(key))
+        if dense is None:
+            _warn(f"population {key.label} ({key.group}) has no dense population to compare with: no PIEs", log)
+        elif len(pop.outputs) < 2 or len(dense.outputs) < 2:
+            _warn(f"population {key.label} ({key.group}) or its dense counterpart has one model: "
+                  "PIEs (a difference of modal labels) are undefined", log)
+        else:
+            mask, tied = pie_mask(torch.stack([o["preds"] for o in dense.outputs]),
+                                  torch.stack([o["preds"] for o in pop.outputs]), pop.data.num_classes, tie_break)
+            pies[key] = {"mask": mask, "tied": tied}
+    return pies
+
+
+def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models: int = 5, knn_k: int = 30,
+             tie_break: str = "min", depth_reference: str = "label", report: bool = True) -> Path:
+    """Score every population under runs_dir; write tables, summary.json, figure data and the report;
+    return the eval dir."""
+    metrics = tuple(metrics or ALL_METRICS)
+    unknown = set(metrics) - set(ALL_METRICS)
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_METRICS)}")
     if tie_break not in ("min", "max") or depth_reference not in ("label", "prediction"):
@@ -233,68 +281,27 @@ def run_eval(runs_dir, out=None, device="cpu", metrics_on=None, depth_models: in
     if not pops:
         raise UserError(f"no finished runs (done.json) under {runs_dir}")
 
-    depth_on = "depth" in metrics_on
-    depth_key = f"k{knn_k}-{depth_reference}"
-    data_cache: dict = {}
-    scored = {}
-    n_computed = 0
+    data_by_source: dict = {}
+    scored, n_computed = {}, 0
     for key in sorted(pops, key=lambda k: (k.group, k.loss, k.method != "dense", k.method, k.sparsity)):
-        pop = pops[key]
-        cfg = pop.runs[0][2]
-        data_id = (cfg["dataset"], cfg.get("data_root", ""))
-        if data_id not in data_cache:
+        pop, cfg = pops[key], pops[key].runs[0][2]
+        source = (cfg["dataset"], cfg.get("data_root", ""))
+        if source not in data_by_source:
             try:
-                data_cache[data_id] = load_data(*data_id)
+                data_by_source[source] = load_data(*source)
             except UserError as err:
-                data_cache[data_id] = err
-        data = data_cache[data_id]
+                data_by_source[source] = err
+        data = data_by_source[source]
         if isinstance(data, UserError):
             _warn(f"population {key.label} ({key.group}) skipped: {data}", log)
             continue
-        for i, (_, run_dir, _) in enumerate(pop.runs):
-            try:
-                o = model_outputs(run_dir, data, device, depth_key if depth_on and i < depth_models else None,
-                                  knn_k, depth_reference)
-            except Exception as err:
-                _warn(f"run {run_dir} failed to score: {str(err).splitlines()[0] if str(err) else type(err).__name__}", log)
-                continue
-            n_computed += o.pop("computed")
-            o["acc"] = float((o["preds"] == data.test_y).float().mean())
-            pop.outputs.append(o)
-        if not pop.outputs:
-            continue
-        pop.data = data
-        preds = torch.stack([o["preds"] for o in pop.outputs])
-        pop.modal, pop.modal_tied = metrics.modal_labels(preds, data.num_classes, tie_break)
-        if "qscore" in metrics_on:
-            per_model = [metrics.q_score(o["h"]) for o in pop.outputs]
-            # per-sample values averaged over the population's models (paper Tables 4-5)
-            pop.q = {name: torch.stack([q[name] for q in per_model]).mean(0) for name in ("q", "z", "l1")}
-        depths = [o["depth"] for o in pop.outputs if "depth" in o]
-        if depths:
-            pop.depth, pop.n_depth = torch.stack(depths).mean(0), len(depths)
-        scored[key] = pop
-
+        n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference, tie_break, log)
+        if pop.outputs:
+            scored[key] = pop
     if not scored:
         raise UserError(f"nothing could be scored under {runs_dir} (see warnings above)")
 
-    # PIEs: pruned population vs the dense population of the same dataset, model and loss
-    pies = {}
-    if "pie" in metrics_on:
-        for key, pop in scored.items():
-            if key.method == "dense":
-                continue
-            dense = scored.get(dense_key(key))
-            if dense is None:
-                _warn(f"population {key.label} ({key.group}) has no dense population to compare with: no PIEs", log)
-                continue
-            if len(pop.outputs) < 2 or len(dense.outputs) < 2:
-                _warn(f"population {key.label} ({key.group}) or its dense counterpart has one model: "
-                      "PIEs (a difference of modal labels) are undefined", log)
-                continue
-            mask, tied = metrics.pie_mask(torch.stack([o["preds"] for o in dense.outputs]),
-                                          torch.stack([o["preds"] for o in pop.outputs]), pop.data.num_classes, tie_break)
-            pies[key] = {"mask": mask, "tied": tied}
+    pies = find_pies(scored, tie_break, log) if "pie" in metrics else {}
     # the dense row of Table 6 splits its PD-Scores by the union of its loss's PIE sets (every method, sparsity)
     pd_masks = {key: pie["mask"] for key, pie in pies.items()}
     for key in scored:
@@ -303,30 +310,25 @@ def run_eval(runs_dir, out=None, device="cpu", metrics_on=None, depth_models: in
             pd_masks[key] = torch.stack(unions).any(0)
 
     rows = [population_row(pop, pies.get(key), pd_masks.get(key)) for key, pop in scored.items()]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tables").mkdir(exist_ok=True)
-    (out / "figdata").mkdir(exist_ok=True)
+    for folder in (out, out / "tables", out / "figdata"):
+        folder.mkdir(parents=True, exist_ok=True)
     populations = pd.DataFrame(rows)
     populations.drop(columns=["runs"]).to_csv(out / "tables" / "populations.csv", index=False)
-    write_per_sample(out, scored, pies, depth_on)
+    write_per_sample(out, scored, pies, "depth" in metrics)
     write_pie_breakdowns(out, scored, pies)
-    if "umap" in metrics_on:
+    if "umap" in metrics:
         write_umap(out, scored)
-
     write_tables(populations, out / "tables")
 
-    summary = dict(runs_dir=str(runs_dir), settings=dict(metrics=list(metrics_on), depth_models=depth_models, knn_k=knn_k,
+    summary = dict(runs_dir=str(runs_dir), settings=dict(metrics=list(metrics), depth_models=depth_models, knn_k=knn_k,
                                                           tie_break=tie_break, depth_reference=depth_reference, device=device),
                    populations=rows, warnings=log, models_scored=sum(len(p.outputs) for p in scored.values()),
                    models_computed=n_computed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if report:
-        try:
-            from .report import build_report
-        except ImportError:
-            build_report = None
-        if build_report is not None:
-            build_report(out)
+        from .report import build_report  # matplotlib is imported only when figures are drawn
+
+        build_report(out)
     print(f"scored {len(scored)} population(s), {summary['models_scored']} model(s) "
           f"({n_computed} computed, {summary['models_scored'] - n_computed} from cache) -> {out}")
     return out

@@ -49,7 +49,7 @@ import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml load
 
 from . import train as trainer
 from .config import (CHOICES, TrainConfig, UserError, apply_overrides, parse_overrides, read_yaml, resolve_recipe,
-                     run_cli, unknown_key, validate)
+                     run_cli, unknown_key, validate, first_line)
 from .data import load_data
 from .metrics import mean_std
 from .rundir import is_finished, read_done
@@ -427,10 +427,6 @@ def failure(job: Job, reason: str) -> dict:
     return dict(name=job.name, status="failed", reason=reason, seconds=0.0)
 
 
-def first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else ""
-
-
 # ---------------------------------------------------------------- backends
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -504,7 +500,7 @@ class RayBackend:
                 ray.init(address=address, include_dashboard=False)
             except Exception as err:  # ConnectionError, ValueError, ... for a bad or unreachable address
                 raise UserError(f"could not start or reach Ray{' at ' + address if address else ''}: "
-                                f"{first_line(err) or type(err).__name__}") from None
+                                f"{first_line(err)}") from None
         self.task = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_run)
         self.capacity = float("inf")  # Ray queues tasks until their resources are free
 

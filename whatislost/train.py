@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml loads)
 
-from .config import TrainConfig, UserError, load_config, parse_overrides, resolve_recipe, run_cli, save_config, validate
+from .config import TrainConfig, UserError, first_line, load_config, parse_overrides, resolve_recipe, run_cli, save_config, validate
 from .data import BatchLoader, ImageData, load_data, make_augment
 from .losses import supcon_loss
 from .models import WideResNet
@@ -54,7 +54,7 @@ def load_manager(cfg: TrainConfig, num_epochs: int):
     try:
         manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables={k: v for k, v in variables.items() if k in declared})
     except Exception as err:  # SparseML raises assorted types for bad recipes
-        raise UserError(f"SparseML rejected recipe {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise UserError(f"SparseML rejected recipe {path}: {first_line(err)}") from None
     if pruning_patterns(manager) and "target_sparsity" not in declared:
         raise UserError(f"recipe {path.name} prunes but declares no target_sparsity variable")
     if not pruning_patterns(manager) and cfg.sparsity > 0:
