@@ -9,7 +9,7 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")]
 
 
-def test_wrn16_2_gmp_on_cifar10_then_eval(tmp_path):
+def test_wrn10_2_gmp_on_cifar10_then_eval(tmp_path):
     """Short WRN-10-2 runs on real CIFAR-10: GMP reaches its target, accuracy is far above chance, eval scores them."""
     import pandas as pd
     import torch
