@@ -159,7 +159,10 @@ def tiny_study(tmp_path_factory):
     # moment to notice that their study is gone and exit
     time.sleep(1.0)
     finished = {name: t for name, t in model_mtimes(out).items() if (out / "runs" / name / "done.json").exists()}
-    in_flight = {str(p.parent.relative_to(out / "runs")) for p in out.rglob("config.yaml")} - set(finished)
+    # in flight: every run a worker had started (its log header is written before anything else) and not
+    # finished; run directories alone would miss a run still loading its data when the kill came
+    started = set(attempts(out)) | {str(p.parent.relative_to(out / "runs")) for p in out.rglob("config.yaml")}
+    in_flight = started - set(finished)
     with pytest.MonkeyPatch.context() as mp:
         code, resumed = run_study([config, "--out", out, "--no-eval"], mp)
     assert code == 0
