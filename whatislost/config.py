@@ -88,7 +88,7 @@ class TrainConfig:
     finetune_nesterov: bool = True
     # pruning: a SparseML recipe and its variables
     recipe: str = "recipes/dense.yaml"
-    method: str = ""  # population name of the schedule (default: the recipe file's stem: gmp, oneshot, ...)
+    method: str = ""  # population name of the schedule; empty: the recipe file's stem (see method_name)
     sparsity: float = 0.0  # passed to the recipe as `target_sparsity`
     recipe_vars: dict = field(default_factory=dict)  # extra recipe variables, e.g. prune_start
     sparsity_tolerance: float = 0.005  # fail the run if achieved sparsity is further off
@@ -102,11 +102,16 @@ class TrainConfig:
     out: str = ""  # run directory; default runs/<name>
 
     @property
+    def method_name(self) -> str:
+        """The population's method: `method` when set (a study's name), else the recipe's stem (gmp, oneshot, ...)."""
+        return self.method or Path(self.recipe).stem
+
+    @property
     def model_name(self) -> str:
         return f"wrn{self.depth}-{self.widen}"
 
     def run_name(self) -> str:
-        return f"{self.dataset}-{self.model_name}-{self.loss}-{self.method}-s{round(self.sparsity * 100)}-seed{self.seed}"
+        return f"{self.dataset}-{self.model_name}-{self.loss}-{self.method_name}-s{round(self.sparsity * 100)}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,8 +227,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("epochs", "batch_size", "linear_batch_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be >= 1; got {getattr(cfg, key)}")
-    if not cfg.method:
-        cfg.method = Path(cfg.recipe).stem
     if cfg.dataset != "digits" and not cfg.data_root:
         raise UserError(f"dataset '{cfg.dataset}' needs data_root (--data-root or data_root=...)")
     return cfg

@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = Fal
     setup_logging(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "recipe.yaml").write_text(f"# {resolve_recipe(cfg.recipe)} as applied\n{manager}")
-    log.info("run %s: %s/%s/%s target sparsity %.2f on %s, %s", run_dir, cfg.dataset, cfg.loss, cfg.method,
+    log.info("run %s: %s/%s/%s target sparsity %.2f on %s, %s", run_dir, cfg.dataset, cfg.loss, cfg.method_name,
              cfg.sparsity, device, cfg.model_name)
 
     torch.manual_seed(cfg.seed)
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = Fal
                         f"(more than {cfg.sparsity_tolerance * 100:.1f} points off): check the recipe's schedule")
     test_acc = evaluate()
     model.head = None
-    meta = dict(config=cfg.to_dict(), config_hash=cfg.hash(), recipe=str(manager), method=cfg.method, loss=cfg.loss,
+    meta = dict(config=cfg.to_dict(), config_hash=cfg.hash(), recipe=str(manager), method=cfg.method_name, loss=cfg.loss,
                 dataset=data.name, classes=list(data.classes), target_sparsity=cfg.sparsity, sparsity=sparsity,
                 layer_sparsity=layer_sparsity, test_acc=test_acc, seed=cfg.seed, init=cfg.init)
     save_checkpoint(run_dir, model, **meta)
