@@ -38,8 +38,7 @@ import whatislost  # noqa: F401
 from .config import UserError, first_line, run_cli
 from .data import ImageData, load_data
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
-from .rundir import CHECKPOINT, find_runs, load_checkpoint
-from .models import build_model
+from .rundir import CHECKPOINT, find_runs, load_checkpoint, load_model
 from .tables import LOSS_NAMES, METHOD_NAMES, write_tables
 
 ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap")
@@ -129,22 +128,19 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             cache = {}
     need_test = "preds" not in cache
     need_depth = depth_key is not None and depth_key not in cache.get("depth", {})
-    if need_test or need_depth:
-        ckpt = load_checkpoint(run_dir)
-        model = build_model(ckpt["arch"])
-        model.load_state_dict(ckpt["state_dict"])
-        model = model.to(device, memory_format=torch.channels_last).eval()
+    computed = need_test or need_depth
+    if computed:
+        model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
         test = forward_pass(model, data.test_x, data, device, hidden=need_depth)
         cache.update(sha1=sha, version=CACHE_VERSION, preds=test["preds"], h=test["h"])
         if need_depth:
             train_hidden = forward_pass(model, data.train_x, data, device, hidden=True)["hidden"]
             ref = data.test_y if reference == "label" else test["preds"]
             depth = prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
-                                             num_classes=data.num_classes, device=device)
+                                     num_classes=data.num_classes, device=device)
             cache.setdefault("depth", {})[depth_key] = depth
         torch.save(cache, cache_path)
-        cache["computed"] = True
-    out = {"preds": cache["preds"], "h": cache["h"], "computed": cache.get("computed", False)}
+    out = {"preds": cache["preds"], "h": cache["h"], "computed": computed}
     if depth_key is not None:
         out["depth"] = cache["depth"][depth_key].float()
     return out
