@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .config import UserError
-from .tables import column_name
+from .tables import column_name, in_order, lookup
 
 # the paper's figure columns (Figs 2-5, 7); other (loss, method) pairs follow alphabetically
 FIGURE_ORDER = [("ce", "gmp"), ("ce", "oneshot"), ("supcon", "gmp"), ("supcon", "oneshot"), ("supcon", "delta_gmp")]
@@ -52,8 +52,7 @@ def groups(eval_dir: Path) -> list:
 
 def figure_columns(pairs) -> list:
     """(loss, method) pairs in the paper's figure order."""
-    pairs = set(pairs)
-    return [p for p in FIGURE_ORDER if p in pairs] + sorted(pairs - set(FIGURE_ORDER))
+    return in_order(pairs, FIGURE_ORDER)
 
 
 def pruned_pairs(pops: pd.DataFrame) -> list:
@@ -62,10 +61,8 @@ def pruned_pairs(pops: pd.DataFrame) -> list:
 
 def population_label(pops: pd.DataFrame, loss: str, method: str, sparsity: int):
     """The population's column label in per-sample tables ('Sup/GMP/90'), or None if it was not scored."""
-    if sparsity == 0:
-        method = "dense"
-    hit = pops[(pops.loss == loss) & (pops.method == method) & (pops.sparsity == sparsity)]
-    return None if hit.empty else hit.population.iloc[0]
+    row = lookup(pops, loss, method, sparsity)
+    return None if row is None else row.population
 
 
 def class_names(eval_dir: Path, group: str, n: int) -> list:

@@ -28,12 +28,19 @@ def column_name(loss: str, method: str) -> str:
     return f"{LOSS_NAMES.get(loss, loss)}/{METHOD_NAMES.get(method, method)}"
 
 
+def in_order(pairs, order) -> list:
+    """(loss, method) pairs: those in `order` first, in that order, then the rest alphabetically."""
+    pairs = set(pairs)
+    return [p for p in order if p in pairs] + sorted(pairs - set(order))
+
+
 def pruned_columns(pops: pd.DataFrame, losses=None) -> list:
-    pairs = {(r.loss, r.method) for r in pops.itertuples() if r.method != "dense" and (losses is None or r.loss in losses)}
-    return [p for p in PAPER_ORDER if p in pairs] + sorted(pairs - set(PAPER_ORDER))
+    return in_order(((r.loss, r.method) for r in pops.itertuples()
+                     if r.method != "dense" and (losses is None or r.loss in losses)), PAPER_ORDER)
 
 
-def _lookup(pops: pd.DataFrame, loss: str, method: str, sparsity: int):
+def lookup(pops: pd.DataFrame, loss: str, method: str, sparsity: int):
+    """The populations.csv row of (loss, method, sparsity); sparsity 0 is the loss's dense population. None if absent."""
     if sparsity == 0:
         method = "dense"
     hit = pops[(pops.loss == loss) & (pops.method == method) & (pops.sparsity == sparsity)]
@@ -51,7 +58,7 @@ def build_table(pops: pd.DataFrame, columns: list, fields: list) -> pd.DataFrame
     for s in sparsities:
         rec = {"sparsity %": s}
         for loss, method in columns:
-            row = _lookup(pops, loss, method, s)
+            row = lookup(pops, loss, method, s)
             for title, name, kind in fields:
                 label = f"{column_name(loss, method)} {title}" if title else column_name(loss, method)
                 if kind == "count":
