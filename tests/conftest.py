@@ -1,7 +1,11 @@
 """Shared fixtures: the embedded digits data and tiny, fast training configs."""
 import os
 
+import tempfile
+
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+# the tests' decoded-image caches go to a folder of their own, never the user's ~/.cache/whatislost
+os.environ["WHATISLOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="whatislost-test-cache-")
 
 import pytest
 import torch

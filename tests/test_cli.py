@@ -1,8 +1,9 @@
 """Bad input to whatislost-train: one line on stderr, exit code 2, no run directory that looks finished."""
 import pytest
 
-from whatislost.config import load_config, UserError
-from whatislost.config import run_cli
+from whatislost.config import load_config
+from whatislost.cli import UserError
+from whatislost.cli import run_cli
 from whatislost.train import main
 
 TINY = ["depth=10", "widen=1", "epochs=1", "linear_epochs=1", "eval_every=0"]

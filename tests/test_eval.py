@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from whatislost import metrics
-from whatislost.config import run_cli
+from whatislost.cli import run_cli
 from whatislost.eval import main, run_eval
 from whatislost.rundir import load_checkpoint
 

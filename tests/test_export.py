@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from conftest import tiny_config
 from whatislost import export
-from whatislost.config import run_cli
+from whatislost.cli import run_cli
 from whatislost.export import CheckFailed, check_parity, check_sparsity, export_run, parity_images
 from whatislost.rundir import load_model
 from whatislost.train import train
@@ -137,7 +137,7 @@ def test_bad_input_is_one_line_and_exit_2(pruned_run, tmp_path, capsys, argv, me
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text("{}")
     (tmp_path / "no_checkpoint").mkdir()
-    (tmp_path / "no_checkpoint" / "done.json").write_text("{}")
+    (tmp_path / "no_checkpoint" / "done.json").write_text('{"config_hash": "x"}')
     code, _, err = run([a.format(tmp=tmp_path, run=pruned_run) for a in argv], capsys)
     assert code == 2
     assert message in err and len(err.splitlines()) == 1
@@ -158,7 +158,7 @@ def test_export_all_goes_on_past_a_broken_run(pruned_run, tmp_path, capsys):
     root = tmp_path / "runs"
     shutil.copytree(pruned_run, root / "a")
     (root / "b").mkdir()
-    (root / "b" / "done.json").write_text("{}")  # finished, but its checkpoint is gone
+    (root / "b" / "done.json").write_text('{"config_hash": "x"}')  # finished, but its checkpoint is gone
     (root / "c").mkdir()
     (root / "c" / "config.yaml").write_text("{}")  # still training
     code, out, err = run(["--all", root, "--part", "encoder"], capsys)
@@ -173,3 +173,27 @@ def test_export_all_goes_on_past_a_broken_run(pruned_run, tmp_path, capsys):
     shutil.rmtree(root / "a")
     code, _, err = run(["--all", root], capsys)
     assert code == 2 and "nothing under" in err and len(err.splitlines()) == 1
+
+
+def test_an_earlier_export_is_replaced_whole_and_a_foreign_file_is_not(pruned_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    export_run(pruned_run, out)
+    before = out.stat().st_ino, export.record_path(out).stat().st_ino
+    code, _, err = run([pruned_run, "--out", out], capsys)  # its record is there: an earlier export of ours
+    assert code == 0, err
+    assert (out.stat().st_ino, export.record_path(out).stat().st_ino) != before  # new files renamed into place
+    assert export.is_export_record(export.record_path(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+    export.record_path(out).unlink()  # without its record the file is not known to be ours
+    code, _, err = run([pruned_run, "--out", out], capsys)
+    assert code == 2 and "not an earlier whatislost-export output" in err and out.is_file()
+
+
+def test_an_export_into_new_folders_that_fails_leaves_none(pruned_run, tmp_path, monkeypatch, capsys):
+    def fail(*args):
+        raise CheckFailed("simulated")
+
+    monkeypatch.setattr(export, "check_parity", fail)
+    code, _, err = run([pruned_run, "--out", tmp_path / "a" / "b" / "m.onnx"], capsys)
+    assert code == 2 and "simulated" in err
+    assert list(tmp_path.iterdir()) == []

@@ -267,3 +267,37 @@ def test_mean_std_population():
     assert m == pytest.approx(2.5)
     assert s == pytest.approx(math.sqrt(1.25))
     assert format_mean_std(torch.tensor([14.0, 16.0])) == "15.00±1.00"
+
+
+def test_q_score_nan_or_infinite_rows_are_nan_not_zero():
+    nan, inf = math.nan, math.inf
+    h = torch.tensor([[1.0, 2.0, 3.0, 0.5],
+                      [nan, 1.0, 1.0, 1.0],     # a NaN feature: once sent to the zero vector, Q = 0
+                      [inf, 1.0, 1.0, 1.0],
+                      [-inf, 0.0, 0.0, 0.0],
+                      [2.0, 2.0, 2.0, 2.0],     # constant row: convention z = q = 0
+                      [0.0, 0.0, 0.0, 0.0]])    # all zero: convention l1 = z = q = 0
+    out = q_score(h)
+    for key in ("q", "z", "l1"):
+        assert torch.isnan(out[key][1:4]).all(), key
+        assert torch.isfinite(out[key][[0, 4, 5]]).all(), key
+        torch.testing.assert_close(out[key][:1], q_score(h[:1])[key])
+    assert out["q"][4:].tolist() == [0.0, 0.0] and out["z"][4:].tolist() == [0.0, 0.0]
+    assert out["l1"][5].item() == 0.0 and out["l1"][4].item() == pytest.approx(2.0)
+
+
+def test_q_score_finite_rows_of_any_scale():
+    # ||h||_2 of these overflows / underflows in float64; the scores must still be those of [1, 0, 2, 0.5]
+    base = torch.tensor([[1.0, 0.0, 2.0, 0.5]], dtype=torch.float64)
+    ref = q_score(base)
+    for scale in (1e300, 1e-200):
+        out = q_score(base * scale)
+        for key in ("q", "z", "l1"):
+            torch.testing.assert_close(out[key], ref[key])
+
+
+def test_mean_std_does_not_hide_nan():
+    m, s = mean_std(torch.tensor([1.0, math.nan, 3.0]))
+    assert math.isnan(m) and math.isnan(s)
+    assert mean_std([])[0] != mean_std([])[0]  # NaN for no values
+    assert mean_std([83.0, 82.99]) == (pytest.approx(82.995), pytest.approx(0.005))

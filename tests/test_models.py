@@ -14,10 +14,24 @@ def test_shapes_and_hidden_representations():
     assert model(x).shape == (4, 10)
     h, hidden = model.encoder(x, return_hidden=True)
     assert h.shape == (4, 128)
-    assert len(hidden) == model.encoder.num_probes == 8  # stem, 6 blocks, final h
+    assert len(hidden) == model.encoder.num_probes() == 8  # stem, 6 blocks, final h
     assert [t.shape[1] for t in hidden] == [16, 32, 32, 64, 64, 128, 128, 128]
     assert torch.equal(hidden[-1], h)
     assert model.head(h).shape == (4, 128)
+
+
+def test_authors_probe_layout_has_16_probes_on_wrn16_2():
+    # Corti et al.'s code: stem, then per block relu(bn2(conv1)), conv2 before the sum, and the block
+    # output where there is no shortcut conv: first block of a group 2 probes, second 3 -> 1 + 3 * 5
+    model = WideResNet(16, 2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    h, hidden = model.encoder(x, return_hidden=True, probes="authors")
+    assert len(hidden) == model.encoder.num_probes("authors") == 16
+    assert [t.shape[1] for t in hidden] == [16] + [32] * 5 + [64] * 5 + [128] * 5
+    assert torch.equal(h, model.encoder(x))
+    # the last probe is the final block's raw output, not h (which is after the final BN-ReLU)
+    assert not torch.allclose(hidden[-1], h)
+    assert WideResNet(10, 1).encoder.num_probes("authors") == 1 + 3 + 2 + 2  # the 16->16 block keeps its input shape
 
 
 def test_projection_head_is_not_among_pruned_names():

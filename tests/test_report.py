@@ -3,13 +3,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from whatislost import figures
-from whatislost.config import UserError, run_cli
+from whatislost import evalfolder, figures
+from whatislost.cli import UserError, run_cli
 from whatislost.eval import run_eval
 from whatislost.report import build_report, main
 
@@ -94,7 +95,7 @@ def test_page_lists_the_study_and_every_reference_exists(evaluated):
     assert not [r for r in refs if re.match(r"[a-z]+:", r)]  # nothing fetched: works offline
     assert "<script" not in page
     for ref in refs:
-        assert (index.parent / ref).is_file(), ref
+        assert (index.parent / unquote(ref)).is_file(), ref
     images = re.findall(r'<img src="([^"]+)"', page)
     assert len(images) == len(figures.FIGURES)
     for label in ("Sup/Dense/0", "Sup/GMP/50", "Sup/One-Shot/50", "SCL/Dense/0", "SCL/GMP/50"):
@@ -123,3 +124,99 @@ def test_page_renders_in_headless_chromium(evaluated, tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,2000", index.resolve().as_uri()],
                    check=True, capture_output=True, timeout=90)
     assert shot.is_file() and not_blank(shot)
+
+
+# ---------------------------------------------------------------- an eval folder holds only the current eval
+def files_in(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_new_eval_leaves_only_its_own_outputs_and_nothing_else_is_touched(tiny_populations, tmp_path):
+    out = tmp_path / "E"
+    run_eval(tiny_populations, out, metrics=("acc", "pie", "qscore", "depth"), depth_models=2, knn_k=5)
+    first = set(evalfolder.marker_files(out))
+    assert first == files_in(out) - {evalfolder.MARKER}
+    assert {"tables/table5.csv", "tables/table6.md", f"figures/pdscore_{GROUP}.png", "report/index.html"} <= first
+    mine = {"notes.txt": b"mine", "tables/my_table.csv": b"a\n1\n", "figures/sketch.png": b"png",
+            "figdata/extra.npz": b"npz"}
+    for rel, data in mine.items():
+        (out / rel).write_bytes(data)
+
+    # eval B: no Q-Score, no depth -> Tables 4-6, their figures and per-sample columns must all go
+    run_eval(tiny_populations, out, metrics=("acc", "pie"))
+    for name in ("table4", "table5", "table6"):
+        assert not (out / "tables" / f"{name}.csv").exists() and not (out / "tables" / f"{name}.md").exists()
+    assert not list((out / "figures").glob("qscore_*")) and not list((out / "figures").glob("pdscore_*"))
+    samples = pd.read_csv(out / "tables" / f"per_sample_{GROUP}.csv")
+    assert not [c for c in samples if c.endswith((":q", ":pd"))]
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("Not computed in this eval") == 3  # Tables 4, 5, 6
+    assert "Sup/GMP non-PIE" not in page and "Sup/GMP Q" not in page and "SCL/GMP Q" not in page
+    assert "metrics: acc,pie" in page
+    assert all((out / rel).read_bytes() == data for rel, data in mine.items())
+    assert set(evalfolder.marker_files(out)) == files_in(out) - {evalfolder.MARKER} - set(mine)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(evalfolder.STAGING_PREFIX)]
+
+    # --no-report: the report and figures of the earlier eval would be stale, so they go too
+    run_eval(tiny_populations, out, metrics=("acc", "pie", "qscore"), report=False)
+    assert not (out / "report").exists() and sorted(p.name for p in (out / "figures").iterdir()) == ["sketch.png"]
+    assert (out / "tables" / "table5.csv").is_file()
+
+    # an eval folder of an older version (no marker): the files with the eval's names are its own
+    (out / evalfolder.MARKER).unlink()
+    run_eval(tiny_populations, out, metrics=("acc",), report=False)
+    assert not (out / "tables" / "table5.csv").exists() and not (out / "tables" / "table4.md").exists()
+    assert all((out / rel).read_bytes() == data for rel, data in mine.items())
+    assert set(evalfolder.marker_files(out)) == files_in(out) - {evalfolder.MARKER} - set(mine)
+
+
+def test_a_file_with_an_eval_name_the_eval_did_not_write_is_kept_and_warned(tiny_populations, tmp_path, capsys):
+    out = tmp_path / "E"
+    run_eval(tiny_populations, out, metrics=("acc",), report=False)
+    (out / "tables" / "table6.csv").write_text("group,x\nmine,1\n")  # not in the marker: the user's
+    run_eval(tiny_populations, out, metrics=("acc",), report=False)
+    assert (out / "tables" / "table6.csv").read_text() == "group,x\nmine,1\n"
+    summary = evalfolder.load_summary(out)
+    assert any("table6.csv was not written by whatislost-eval" in w for w in summary["warnings"])
+    assert "table6.csv was not written by whatislost-eval" in capsys.readouterr().err
+
+
+def test_report_rebuild_removes_only_its_stale_figures(evaluated, tmp_path):
+    out = Path(shutil.copytree(evaluated[0], tmp_path / "E"))
+    (out / "figures" / "sketch.png").write_bytes(b"mine")
+    (out / "figdata" / f"umap_{GROUP}.csv").unlink()  # UMAP no longer drawable: its old figure is stale
+    assert run_cli(main, [str(out)], prog="whatislost-report") == 0
+    assert not (out / "figures" / f"umap_{GROUP}.png").exists() and (out / "figures" / "sketch.png").read_bytes() == b"mine"
+    assert (out / "figures" / f"acc_pies_{GROUP}.png").is_file()
+    assert "umap" not in " ".join(evalfolder.marker_files(out))
+
+
+# ---------------------------------------------------------------- names from data are escaped
+HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>', "<img src=x onerror=alert(2)>",
+           "<svg onload=alert(3)>", "<b>cat$x$"]
+
+
+def test_hostile_names_are_escaped_everywhere(tmp_path):
+    """Data set folder, class names, run folders and the method name carry markup: the page shows them as text,
+    and file names with them are URL-quoted in src/href."""
+    from conftest import tiny_config, write_imagefolder
+    from whatislost.train import train
+
+    root = write_imagefolder(tmp_path / HOSTILE[1], (HOSTILE[2], HOSTILE[4]), n_train=12, n_test=6, size=8)
+    runs = tmp_path / f"runs{HOSTILE[3]}"
+    common = dict(dataset="imagefolder", data_root=str(root), batch_size=8, epochs=2, seed=0)
+    for seed in (0, 1):
+        common["seed"] = seed
+        train(tiny_config(runs / f"{HOSTILE[2]}-dense{seed}", recipe="recipes/dense.yaml", **common))
+        train(tiny_config(runs / f"gmp{seed}", recipe="recipes/gmp.yaml", sparsity=0.5, method=HOSTILE[0], **common))
+    out = run_eval(runs, tmp_path / "E", metrics=("acc", "pie", "qscore", "depth"), depth_models=1, knn_k=3)
+    page = (out / "report" / "index.html").read_text()
+    for text in HOSTILE:
+        assert text not in page, text
+    assert "<script" not in page and "<img src=x" not in page and "<svg" not in page and "<b>cat" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown, as text
+    refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    assert any("%22%3E%3Cimg" in r for r in refs)
+    for ref in refs:
+        assert not re.match(r"[a-z]+:", ref) and (out / "report" / unquote(ref)).is_file(), ref
+    assert len(re.findall(r"<img ", page)) == len(list((out / "figures").glob("*.png")))

@@ -15,7 +15,7 @@ import yaml
 
 from whatislost import study as study_mod
 from whatislost import train as trainer
-from whatislost.config import run_cli
+from whatislost.cli import run_cli
 from whatislost.rundir import load_checkpoint, read_done
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,12 +84,20 @@ def test_paper_grid_expands_to_660_runs_with_the_papers_settings(tmp_path):
     assert all(len(pop) == 30 for pop in by_population.values())
     cfg = {run.name: run.config for run in runs}
     sup, scl = cfg["ce/gmp/s90/seed7"], cfg["supcon/delta_gmp/s50/seed0"]
-    assert (sup.epochs, sup.batch_size, sup.lr, sup.sparsity, sup.seed) == (205, 128, 0.05, 0.9, 7)
-    assert sup.recipe_vars == {"prune_start": 2.56, "prune_end": 51.2, "update_frequency": 1.28}
-    assert (scl.epochs, scl.batch_size, scl.temperature, scl.lr_schedule) == (500, 1024, 0.5, "cosine")
-    assert scl.recipe_vars["prune_start"] == 50 and scl.recipe == "recipes/delta_gmp.yaml"
+    # Table 2 and the authors' code (README, "Paper fidelity")
+    assert (sup.epochs, sup.batch_size, sup.lr, sup.sparsity, sup.seed) == (205, 128, 1.0, 0.9, 7)
+    assert (sup.lr_schedule, sup.lr_milestones, sup.lr_gamma, sup.lr_step, sup.vflip) == (
+        "multistep", [5, 30, 50, 80], 0.1, "epoch", True)
+    assert sup.recipe_vars == {"prune_start": 2.5575, "prune_end": 51.15, "update_frequency": 1.2788}
+    assert round(sup.recipe_vars["prune_start"] * 391) == 1000 and round(sup.recipe_vars["prune_end"] * 391) == 20000
+    assert (scl.epochs, scl.batch_size, scl.temperature, scl.base_temperature, scl.lr_schedule, scl.lr_min) == (
+        500, 1024, 0.5, 0.07, "cosine", 5e-5)
+    assert round(scl.recipe_vars["prune_start"] * 49) == 2440 and scl.recipe == "recipes/delta_gmp.yaml"
+    assert (scl.linear_epochs, scl.linear_batch_size, scl.linear_augment, scl.linear_recipe) == (
+        100, 256, True, "recipes/gmp.yaml")
     one_shot = cfg["supcon/oneshot/s70/seed3"]
-    assert (one_shot.finetune_epochs, one_shot.finetune_lr, one_shot.finetune_nesterov) == (30, 1e-3, True)
+    assert (one_shot.finetune_epochs, one_shot.finetune_lr, one_shot.finetune_nesterov, one_shot.finetune_batch_size,
+            one_shot.finetune_weight_decay, one_shot.finetune_lr_schedule) == (30, 1e-3, True, 128, 0.0, "constant")
     assert Path(one_shot.init).resolve() == (tmp_path / "runs/supcon/dense/s0/seed3").resolve()
     assert cfg["ce/dense/s0/seed0"].init == "" and cfg["ce/gmp/s30/seed0"].init == ""
     # seed by seed, dense first: every One-Shot run comes after the dense run it starts from
@@ -128,6 +136,9 @@ def test_quickstart_shows_the_whole_structure(tmp_path):
     ({"methods": {"gmp": {"recipe": "recipes/gmp.yaml", "train": {"recipe_vars": {"bogus": 1}}}}},
      "has no variable 'bogus'"),
     ({"eval": {"knn": 3}}, "did you mean 'knn_k'"),
+    ({"eval": {"metrics": ["pies"]}}, "unknown metric"),
+    ({"eval": {"probes": "all"}}, "probes must be"),
+    ({"methods": {"gmp": {"recipe": "recipes/gmp.yaml", "train": {"lr": "nan"}}}}, "lr must be a finite number"),
 ])
 def test_study_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, change, message):
     code = run_cli(study_mod.main, [str(write_study(tmp_path / "s.yaml", **change)), "--out", str(tmp_path / "o")])
@@ -252,17 +263,20 @@ def test_local_and_ray_backends_give_identical_runs(tiny_study, tmp_path, monkey
 def test_eval_gets_the_studys_settings_and_the_report_path_is_printed(tiny_study, monkeypatch, capsys):
     calls = []
 
-    def fake_run_eval(runs_dir, out=None, device="cpu", metrics=None, depth_models=5, knn_k=30):
+    def fake_run_eval(runs_dir, out=None, device="cpu", metrics=None, depth_models=5, knn_k=30, **settings):
         calls.append(dict(runs_dir=runs_dir, out=out, device=device, metrics=metrics, depth_models=depth_models,
-                          knn_k=knn_k))
+                          knn_k=knn_k, **settings))
         return Path(out)
 
-    monkeypatch.setitem(sys.modules, "whatislost.eval", types.SimpleNamespace(run_eval=fake_run_eval))
+    import whatislost.eval as real_eval
+
+    monkeypatch.setattr(real_eval, "run_eval", fake_run_eval)
     out = tiny_study.out
-    code, _ = run_study([tiny_study.config, "--out", out, "eval.knn_k=7", "eval.metrics=[pies]"], monkeypatch)
+    code, _ = run_study([tiny_study.config, "--out", out, "eval.knn_k=7", "eval.metrics=[pie]",
+                         "eval.probes=blocks"], monkeypatch)
     assert code == 0
-    assert calls == [dict(runs_dir=out / "runs", out=out / "eval", device="cpu", metrics=["pies"], depth_models=5,
-                          knn_k=7)]
+    assert calls == [dict(runs_dir=out / "runs", out=out / "eval", device="cpu", metrics=["pie"], depth_models=5,
+                          knn_k=7, tie_break="min", depth_reference="label", probes="blocks", depth_train="clean")]
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "eval" / "report" / "index.html")
 
 
@@ -292,3 +306,38 @@ def test_failed_runs_are_recorded_and_the_rest_complete(tmp_path, monkeypatch, c
     code, trained = run_study([config, "--out", out, "--no-eval"], monkeypatch)
     assert code == 1 and sorted(trained) == ["ce/dense/s0/seed1", "ce/late/s50/seed0", "ce/late/s50/seed1",
                                              "ce/oneshot/s50/seed1"]
+
+
+# ---------------------------------------------------------------- killed three times (slow; the fast variant is tiny_study)
+def start_study(config, out, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "whatislost.study", str(config), "--out", str(out), "--workers", "2",
+                             "--threads", "1", *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_study_killed_three_times_completes_every_run_once_and_matches_an_uninterrupted_one(tmp_path):
+    config = write_study(tmp_path / "s.yaml", seeds=2, eval={"metrics": ["acc", "pie", "qscore"]},
+                         train={**TINY["train"], "epochs": 3, "save_every": 1})
+    whole = tmp_path / "whole"
+    assert start_study(config, whole).wait(timeout=600) == 0
+    total = len(list((whole / "runs").rglob("done.json")))
+    out, kept = tmp_path / "killed", {}
+    for fraction in (0.2, 0.5, 0.8):
+        proc = start_study(config, out)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(out.rglob("done.json"))) >= fraction * total:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+        time.sleep(1.0)  # orphaned workers notice their study is gone
+        finished = {str(p.parent): p.stat().st_mtime_ns for p in out.rglob("done.json")}
+        # a run finished before a kill is never trained again (its done.json is the same file, same time)
+        assert all(finished.get(run) == t for run, t in kept.items())
+        kept = finished
+    assert start_study(config, out).wait(timeout=600) == 0
+    assert all((Path(run) / "done.json").stat().st_mtime_ns == t for run, t in kept.items())
+    assert len(list((out / "runs").rglob("done.json"))) == total
+    for table in ("populations.csv", "table1.csv", "table4.csv", "table5.csv"):
+        assert (whole / "eval" / "tables" / table).read_text() == (out / "eval" / "tables" / table).read_text(), table

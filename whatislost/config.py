@@ -8,52 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
-import sys
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file). Printed as one line, exit code 2."""
-
-
-# the recipes shipped with the project (top-level recipes/ beside the package)
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def resolve_recipe(name: str) -> Path:
-    """A recipe path as given, else a shipped recipe by file or stem name ('gmp', 'recipes/gmp.yaml')."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for cand in (RECIPES_DIR / path.name, RECIPES_DIR / f"{path.name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise UserError(f"recipe file not found: {name} (shipped recipes: "
-                    f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))})")
-
-
-def first_line(err: Exception) -> str:
-    """An exception as one line: the first line of its message, else its type's name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def run_cli(main, argv=None, prog: str = "whatislost") -> int:
-    """Run `main(argv)`; turn `UserError` into one line on stderr and exit code 2."""
-    try:
-        return main(argv) or 0
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+from .cli import UserError, first_line
 
 
 @dataclass
@@ -63,6 +26,7 @@ class TrainConfig:
     data_root: str = ""  # folder (or .tar.gz for imagefolder); unused for digits
     crop_padding: int = 4  # Sup augmentation: random crop with this zero padding
     hflip: bool = True  # horizontal flips (off for digits, which are not mirror-symmetric)
+    vflip: bool = False  # vertical flips in the crop augmentation (the authors' code has them; the paper does not list them)
     # model
     depth: int = 16
     widen: int = 2
@@ -74,18 +38,34 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"  # cosine | constant
+    lr_schedule: str = "cosine"  # cosine | constant | multistep | multistep+cosine
+    lr_milestones: list = field(default_factory=list)  # multistep: epochs at which the rate is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0  # cosine floor (eta_min)
+    lr_step: str = "step"  # step | epoch: when the schedule advances (the authors step per epoch)
     label_smoothing: float = 0.0
     temperature: float = 0.5  # SupCon temperature (paper: 0.5)
+    base_temperature: Optional[float] = None  # SupCon loss x temperature/base_temperature (authors: 0.07); null: no factor
     # SCL stage 2: linear classifier on the frozen encoder
     linear_epochs: int = 10
     linear_lr: float = 0.1
     linear_batch_size: int = 128
+    linear_weight_decay: float = 0.0
+    linear_lr_schedule: str = "cosine"
+    linear_lr_milestones: list = field(default_factory=list)
+    linear_lr_gamma: float = 0.1
+    linear_lr_min: float = 0.0
+    linear_augment: bool = False  # true: augmented images through the frozen encoder every epoch (authors); false: features once
+    linear_recipe: str = ""  # SparseML recipe pruning the classifier in this stage (authors: GMP to the run's sparsity)
+    linear_recipe_vars: dict = field(default_factory=dict)
     # One-Shot fine-tuning (used when `init` names a dense run)
     init: str = ""
     finetune_epochs: int = 30
     finetune_lr: float = 1e-3
     finetune_nesterov: bool = True
+    finetune_batch_size: int = 0  # 0: batch_size
+    finetune_weight_decay: Optional[float] = None  # null: weight_decay
+    finetune_lr_schedule: str = "cosine"
     # pruning: a SparseML recipe and its variables
     recipe: str = "recipes/dense.yaml"
     method: str = ""  # population name of the schedule; empty: the recipe file's stem (see method_name)
@@ -98,7 +78,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch's default
     channels_last: bool = True
     bf16: bool = False  # bf16 autocast for forward/backward
+    compile: bool = False  # torch.compile the forward/backward of each step (SparseML's masks stay eager)
     eval_every: int = 1  # test accuracy every N epochs (0: only at the end)
+    save_every: int = 10  # resumable state every N epochs (0: never); a rerun continues from it
     out: str = ""  # run directory; default runs/<name>
 
     @property
@@ -111,29 +93,39 @@ class TrainConfig:
         return f"wrn{self.depth}-{self.widen}"
 
     def run_name(self) -> str:
-        return f"{self.dataset}-{self.model_name}-{self.loss}-{self.method_name}-s{round(self.sparsity * 100)}-seed{self.seed}"
+        from .identity import sparsity_label
+
+        return f"{self.dataset}-{self.model_name}-{self.loss}-{self.method_name}-s{sparsity_label(self.sparsity)}-seed{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Stable hash of everything that defines the run except where it is written."""
-        d = self.to_dict()
-        d.pop("out")
-        d.pop("threads")
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
-
+SCHEDULES = ("cosine", "constant", "multistep", "multistep+cosine")
 CHOICES = {
     "dataset": ("digits", "cifar10", "imagefolder"),
     "loss": ("ce", "supcon"),
-    "lr_schedule": ("cosine", "constant"),
+    "lr_schedule": SCHEDULES,
+    "linear_lr_schedule": SCHEDULES,
+    "finetune_lr_schedule": SCHEDULES,
+    "lr_step": ("step", "epoch"),
     "device": ("cpu", "cuda", "auto"),
 }
 
 
+def _optional(typ):
+    """(inner type, True) for Optional[inner], else (typ, False)."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typ, False
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
     """Turn a YAML value or override string into the field's type, or raise UserError."""
+    typ, optional = _optional(typ)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~", ""))):
+        return None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -142,6 +134,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     elif typ is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif typ is list:
+        if isinstance(value, str):
+            value = parse_scalar(value)
+        if isinstance(value, (list, tuple)):
+            return list(value)
     elif typ in (int, float):
         # ints are valid floats; floats and booleans are not valid ints
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (typ is float or isinstance(value, int)):
@@ -157,8 +154,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise UserError(f"config key '{key}' expects {typ.__name__}, got {value!r}")
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse an override's value the YAML way (numbers, booleans), keeping strings as they are."""
+def parse_scalar(text: str) -> Any:
+    """Parse an override's value the YAML way (numbers, booleans, lists), keeping other strings as they are."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -183,7 +180,7 @@ def apply_overrides(cfg, values: dict, source: str):
         if sub:
             if types[head] is not dict:
                 raise UserError(f"config key '{head}' is not a mapping; '{key}' is invalid")
-            getattr(cfg, head)[sub] = _parse_scalar(value) if isinstance(value, str) else value
+            getattr(cfg, head)[sub] = parse_scalar(value) if isinstance(value, str) else value
         else:
             setattr(cfg, head, _coerce(head, value, types[head]))
     return cfg
@@ -200,33 +197,74 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping from a file; UserError for a missing, binary, garbled or non-mapping file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text file") from None
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {first_line(err)}")
+        raise UserError(f"{what} {path} is not valid YAML: {first_line(err)}") from None
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be read: {first_line(err)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys to values")
+        raise UserError(f"{what} {path} must hold a mapping of keys to values")
     return data
 
 
+# (key, lowest, highest, lowest allowed?) for numeric settings; None: unbounded on that side
+RANGES = [
+    ("lr", 0, None, False), ("linear_lr", 0, None, False), ("finetune_lr", 0, None, False),
+    ("momentum", 0, 1, True), ("weight_decay", 0, None, True), ("linear_weight_decay", 0, None, True),
+    ("finetune_weight_decay", 0, None, True), ("lr_gamma", 0, None, False), ("linear_lr_gamma", 0, None, False),
+    ("lr_min", 0, None, True), ("linear_lr_min", 0, None, True), ("label_smoothing", 0, 1, True),
+    ("temperature", 0, None, False), ("base_temperature", 0, None, False), ("sparsity_tolerance", 0, 1, False),
+    ("seed", 0, None, True), ("threads", 0, None, True), ("eval_every", 0, None, True), ("save_every", 0, None, True),
+    ("crop_padding", 0, None, True), ("linear_epochs", 0, None, True), ("finetune_batch_size", 0, None, True),
+    ("epochs", 1, None, True), ("batch_size", 1, None, True), ("linear_batch_size", 1, None, True),
+    ("finetune_epochs", 1, None, True),
+]
+
+
+def _check_number(key: str, value, low, high, low_ok: bool):
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number; got {value}")
+    below = value < low if low_ok else value <= low
+    if (low is not None and below) or (high is not None and value >= high):
+        bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'})"
+        raise UserError(f"{key} must be in {bounds}; got {value}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check values a user can get wrong; raise UserError with one clear line."""
+    """Check values a user can get wrong, before anything is written; raise UserError with one clear line."""
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
-    if not 0.0 <= cfg.sparsity < 1.0:
+    if not (math.isfinite(cfg.sparsity) and 0.0 <= cfg.sparsity < 1.0):
         raise UserError(f"target sparsity must be in [0, 1); got {cfg.sparsity}")
+    for key, low, high, low_ok in RANGES:
+        _check_number(key, getattr(cfg, key), low, high, low_ok)
     if (cfg.depth - 4) % 6 or cfg.depth < 10:
         raise UserError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...); got {cfg.depth}")
     if cfg.widen < 1:
         raise UserError(f"widen must be >= 1; got {cfg.widen}")
-    for key in ("epochs", "batch_size", "linear_batch_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be >= 1; got {getattr(cfg, key)}")
+    for key in ("lr_milestones", "linear_lr_milestones"):
+        values = getattr(cfg, key)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or values != sorted(values):
+            raise UserError(f"{key} must be increasing whole epochs > 0; got {values}")
+    for key in ("recipe_vars", "linear_recipe_vars"):
+        for name, value in getattr(cfg, key).items():
+            try:
+                number = float(value) if not isinstance(value, bool) else 0.0
+            except (TypeError, ValueError):
+                continue  # a string (an eval expression, a mask type): SparseML checks it
+            if not math.isfinite(number):
+                raise UserError(f"{key}.{name} must be finite; got {value}")
     if cfg.dataset != "digits" and not cfg.data_root:
         raise UserError(f"dataset '{cfg.dataset}' needs data_root (--data-root or data_root=...)")
     return cfg
@@ -241,5 +279,5 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     return validate(cfg)
 
 
-def save_config(cfg, path: Path):
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+def config_text(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

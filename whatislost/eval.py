@@ -1,11 +1,17 @@
 """Eval stage: score populations of finished runs. `whatislost-eval RUNS_DIR`.
 
 Finished run directories (done.json present) anywhere under RUNS_DIR are grouped into
-populations by (dataset, model, loss, method, sparsity); each pruned population is
-matched with the dense population of the same dataset, model and loss. One forward pass
-per model over the test set gives predicted labels and the representation h; models
-used for prediction depth also pass the training set once for the kNN probes. Per-model
-results are cached next to the checkpoint (keyed by its SHA-1), so reruns skip them.
+populations by their identity (identity.py: data content, architecture, loss, every training
+setting, the recipe as applied, the exact target sparsity; not the seed). Runs that share a
+label (Sup/GMP/90) but not an identity are scored as separate, visibly labelled populations.
+Each pruned population is compared with its dense reference: the dense population it
+started from (One-Shot), else the dense population with the same data, architecture, loss
+and training settings. Each population is scored on its own data, checked against the
+fingerprint its runs recorded. One forward pass per model over the test set gives predicted
+labels and the representation h; models used for prediction depth also pass the training
+set once for the kNN probes. Per-model results are cached next to the checkpoint, keyed by
+the checkpoint's and the data's content, so reruns skip them. A model whose outputs are not
+finite is left out with a warning.
 
 Metrics (Corti et al. 2022): accuracy, PIEs (Hooker et al. 2019), Q-Score (Kalibhat et
 al. 2022), prediction depth (Baldock et al. 2021), UMAP of h. Output, default RUNS_DIR/eval:
@@ -17,6 +23,12 @@ al. 2022), prediction depth (Baldock et al. 2021), UMAP of h. Output, default RU
     tables/pie_per_class.csv, pie_overlap.csv   PIE counts by true class; Sup vs SCL PIE sets
     figdata/umap_<group>.csv          UMAP coordinates (first model and population mean)
     figdata/pie_images_<group>.npz    the test images of every PIE (for the gallery figure)
+    .whatislost-eval                  the files this eval (and its report) wrote (whatislost.evalfolder)
+
+Outputs are written to a staging folder and moved into place, summary.json last. An eval into a
+folder that holds an earlier eval removes that eval's outputs it does not write again (Tables
+5-6 without qscore/depth, figures, report), and nothing else; a non-empty folder that is not an
+eval folder is refused before any model is loaded.
 """
 from __future__ import annotations
 
@@ -33,25 +45,45 @@ import numpy as np
 import pandas as pd
 import torch
 
-import whatislost  # noqa: F401
-
-from .config import UserError, first_line, run_cli
-from .data import ImageData, load_data
+from .cli import UserError, first_line, run_cli
+from .data import ImageData, load_data, make_augment
+from .identity import DENSE, population_id, population_label, reference_id, run_identity
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
-from .rundir import CHECKPOINT, find_runs, load_checkpoint, load_model
-from .tables import LOSS_NAMES, METHOD_NAMES, write_tables
+from .rundir import CHECKPOINT, atomic_torch_save, find_runs, load_checkpoint, load_model
+from .tables import write_tables
 
 ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+PROBE_LAYOUTS = ("authors", "blocks")  # models.Encoder.forward(probes=...)
+DEPTH_TRAIN = ("clean", "augmented")  # training images the depth kNN is fitted on
+
+
+def check_settings(metrics=None, depth_models: int = 5, knn_k: int = 30, device: str = "cpu", probes: str = "authors",
+                   depth_train: str = "clean", tie_break: str = "min", depth_reference: str = "label"):
+    """UserError (one line) for eval settings that cannot work; the study checks its eval block with this before
+    anything trains, run_eval before any model is loaded."""
+    unknown = sorted(set(metrics or ()) - set(ALL_METRICS))
+    if unknown:
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    if isinstance(depth_models, bool) or not isinstance(depth_models, int) or depth_models < 0:
+        raise UserError(f"depth_models must be a whole number >= 0; got {depth_models}")
+    if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1:
+        raise UserError(f"knn_k must be a whole number >= 1; got {knn_k}")
+    for name, value, allowed in (("device", device, ("cpu", "cuda", "auto")), ("probes", probes, PROBE_LAYOUTS),
+                                 ("depth_train", depth_train, DEPTH_TRAIN), ("tie_break", tie_break, ("min", "max")),
+                                 ("depth_reference", depth_reference, ("label", "prediction"))):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
 
 
 @dataclass(frozen=True)
 class PopKey:
-    dataset: str
+    dataset: str  # the data set's name (with its fingerprint when two data sets share a name)
     model: str
     loss: str
-    method: str
-    sparsity: int  # target sparsity in percent
+    method: str  # 'dense' for every population whose recipe prunes nothing; '<method> [id]' for a variant
+    sparsity: float  # exact target sparsity in percent
+    population: str = ""  # identity.population_id
 
     @property
     def group(self) -> str:
@@ -60,12 +92,13 @@ class PopKey:
     @property
     def label(self) -> str:
         """'Sup/GMP/90', 'SCL/Dense/0': the population's column name in per-sample tables."""
-        return f"{LOSS_NAMES.get(self.loss, self.loss)}/{METHOD_NAMES.get(self.method, self.method)}/{self.sparsity}"
+        return population_label(self.loss, self.method, self.sparsity / 100)
 
 
 @dataclass
 class Population:
     key: PopKey
+    identity: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)  # (seed, run dir, config), sorted by seed
     outputs: list = field(default_factory=list)  # per scored model: dict(preds (N,), h (N, D), acc, depth (N,)?)
     data: ImageData | None = None
@@ -74,6 +107,11 @@ class Population:
     q: dict | None = None  # q, z, l1: (N,) each, averaged over models
     depth: torch.Tensor | None = None  # (N,) prediction depth averaged over up to depth_models models
     n_depth: int = 0
+    reference: PopKey | None = None  # the dense population this one is compared with
+
+    @property
+    def is_dense(self) -> bool:
+        return self.key.method == DENSE
 
 
 def _warn(msg: str, log: list):
@@ -91,30 +129,46 @@ def file_sha1(path: Path) -> str:
 
 
 @torch.no_grad()
-def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, batch_size: int = 1000):
-    """x (N, C, H, W) uint8 -> dict(preds (N,), h (N, D) on CPU; hidden [P x (N, D_p)] on `device` if asked)."""
-    mean, std = data.mean.to(device).view(1, -1, 1, 1), data.std.to(device).view(1, -1, 1, 1)
-    preds, hs, probes = [], [], []
+def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, probes: str = "authors",
+                 augment=None, batch_size: int = 1000):
+    """x (N, C, H, W) uint8 -> dict(preds (N,), h (N, D) on CPU, finite (bool: logits and h all finite);
+    hidden [P x (N, D_p)] on `device` if asked). `augment` (float images in [0, 1] -> same) is applied
+    before normalising, e.g. for fitting the depth kNN on augmented training images as the authors did."""
+    preds, hs, probe_batches, finite = [], [], [], True
     for start in range(0, len(x), batch_size):
-        xb = ((x[start:start + batch_size].to(device).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+        xb = x[start:start + batch_size].to(device).float().div_(255)
+        if augment is not None:
+            xb = augment(xb)
+        xb = data.normalize_unit(xb).contiguous(memory_format=torch.channels_last)
         if hidden:
-            h, hid = model.encoder(xb, return_hidden=True)
-            probes.append([t.float() for t in hid])  # stay on the device: the kNN probes run there next
+            h, hid = model.encoder(xb, return_hidden=True, probes=probes)
+            probe_batches.append([t.float() for t in hid])  # stay on the device: the kNN probes run there next
         else:
             h = model.encoder(xb)
-        preds.append(model.classifier(h).argmax(1).cpu())
+        logits = model.classifier(h)
+        finite = finite and bool(torch.isfinite(logits).all() & torch.isfinite(h).all())
+        preds.append(logits.argmax(1).cpu())
         hs.append(h.float().cpu())
-    out = {"preds": torch.cat(preds), "h": torch.cat(hs)}
+    out = {"preds": torch.cat(preds), "h": torch.cat(hs), "finite": finite}
     if hidden:
-        out["hidden"] = [torch.cat(p) for p in zip(*probes)]
+        out["hidden"] = [torch.cat(p) for p in zip(*probe_batches)]
     return out
 
 
-def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None, knn_k: int, reference: str):
+def depth_augment(cfg: dict, data: ImageData, seed: int = 0):
+    """The run's own Sup augmentation (crop with padding, flips) with a fixed seed, so that the augmented
+    training set the depth kNN is fitted on is the same every time (and the cache stays valid)."""
+    generator = torch.Generator().manual_seed(seed)
+    return make_augment("sup", data.image_size, data.in_channels, int(cfg.get("crop_padding", 4)),
+                        bool(cfg.get("hflip", True)), bool(cfg.get("vflip", False)), generator=generator)
+
+
+def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None, knn_k: int, reference: str,
+                  probes: str = "authors", depth_train: str = "clean", cfg: dict | None = None):
     """Test predictions and h of one model, plus its per-sample prediction depth when depth_key is given.
 
-    Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-1; depth is cached per
-    (k, reference) so changing either recomputes only that.
+    Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-1 and the data's fingerprint; depth is
+    cached per (k, reference, probes, training images) so changing one recomputes only that.
     """
     sha = file_sha1(run_dir / CHECKPOINT)
     cache_path = run_dir / "eval_cache.pt"
@@ -124,54 +178,118 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             cache = torch.load(cache_path, weights_only=True)
         except Exception:
             cache = {}
-        if cache.get("sha1") != sha or cache.get("version") != CACHE_VERSION:
+        if (not isinstance(cache, dict) or cache.get("sha1") != sha or cache.get("version") != CACHE_VERSION
+                or cache.get("data") != data.fingerprint):
             cache = {}
     need_test = "preds" not in cache
     need_depth = depth_key is not None and depth_key not in cache.get("depth", {})
     computed = need_test or need_depth
     if computed:
         model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
-        test = forward_pass(model, data.test_x, data, device, hidden=need_depth)
-        cache.update(sha1=sha, version=CACHE_VERSION, preds=test["preds"], h=test["h"])
+        test = forward_pass(model, data.test_x, data, device, hidden=need_depth, probes=probes)
+        cache.update(sha1=sha, version=CACHE_VERSION, data=data.fingerprint, preds=test["preds"], h=test["h"],
+                     finite=test["finite"])
         if need_depth:
-            train_hidden = forward_pass(model, data.train_x, data, device, hidden=True)["hidden"]
+            augment = depth_augment(cfg or {}, data) if depth_train == "augmented" else None
+            train_hidden = forward_pass(model, data.train_x, data, device, hidden=True, probes=probes,
+                                        augment=augment)["hidden"]
             ref = data.test_y if reference == "label" else test["preds"]
             depth = prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
                                      num_classes=data.num_classes, device=device)
             cache.setdefault("depth", {})[depth_key] = depth
-        torch.save(cache, cache_path)
-    out = {"preds": cache["preds"], "h": cache["h"], "computed": computed}
+        try:
+            atomic_torch_save(cache, cache_path)
+        except OSError:
+            pass  # a read-only run folder: computed again next time
+    out = {"preds": cache["preds"], "h": cache["h"], "finite": cache.get("finite", True), "computed": computed}
     if depth_key is not None:
         out["depth"] = cache["depth"][depth_key].float()
     return out
 
 
 # ---------------------------------------------------------------- populations
+def checkpoint_identity(ckpt: dict) -> dict:
+    """The identity a checkpoint recorded; for checkpoints of older versions one rebuilt from what they hold
+    (their data is known only by name and folder)."""
+    if isinstance(ckpt.get("identity"), dict):
+        return ckpt["identity"]
+    cfg = ckpt["config"]
+    return run_identity(cfg, ckpt.get("recipe", ""), f"{cfg.get('dataset')}:{cfg.get('data_root', '')}")
+
+
 def collect_populations(runs_dir: Path, log: list) -> dict:
-    """{PopKey: Population} of the finished runs under runs_dir; unloadable runs are warned and skipped."""
+    """{PopKey: Population} of the finished runs under runs_dir, pooled by identity; unloadable runs are
+    warned about and skipped. Populations that share a label but not an identity get a variant label."""
     finished, unfinished = find_runs(runs_dir)
     if unfinished:
         _warn(f"{len(unfinished)} run(s) without done marker skipped: {', '.join(str(p) for p in unfinished[:5])}"
               + (" ..." if len(unfinished) > 5 else ""), log)
-    pops = {}
+    by_id = {}
     for run_dir in finished:
         try:
             ckpt = load_checkpoint(run_dir)
-            cfg = ckpt["config"]
-            key = PopKey(ckpt["dataset"], f"wrn{cfg['depth']}-{cfg['widen']}", ckpt["loss"], ckpt["method"],
-                         round(100 * ckpt["target_sparsity"]))
+            cfg, identity = ckpt["config"], checkpoint_identity(ckpt)
+            dense = not ckpt.get("prunes", ckpt.get("method") != DENSE) and not ckpt.get("init")
+            pop_id = ckpt.get("population") or population_id(identity)
+            fields = (ckpt["dataset"], f"wrn{cfg['depth']}-{cfg['widen']}", ckpt["loss"],
+                      DENSE if dense else ckpt["method"], round(100 * float(ckpt["target_sparsity"]), 6))
         except Exception as err:
             _warn(f"cannot load checkpoint of {run_dir}: {first_line(err)}", log)
             continue
-        pop = pops.setdefault(key, Population(key))
-        pop.runs.append((ckpt.get("seed", 0), run_dir, cfg))
-    for pop in pops.values():
-        pop.runs.sort(key=lambda r: (r[0], str(r[1])))
+        entry = by_id.setdefault(pop_id, (fields, identity, []))
+        entry[2].append((ckpt.get("seed", 0), run_dir, cfg))
+    # two data sets with one name, or one label with several identities: say so, never pool them
+    names = defaultdict(set)
+    for fields, identity, _ in by_id.values():
+        names[fields[0]].add(identity["data"])
+    labels = defaultdict(list)
+    for pop_id, (fields, identity, _) in by_id.items():
+        labels[fields].append(pop_id)
+    pops = {}
+    for pop_id, (fields, identity, runs) in by_id.items():
+        dataset, model, loss, method, sparsity = fields
+        if len(names[dataset]) > 1:
+            dataset = f"{dataset}@{identity['data'][:6]}"
+        if len(labels[fields]) > 1:
+            method = f"{method} [{pop_id[:6]}]"
+        key = PopKey(dataset, model, loss, method, sparsity, pop_id)
+        pops[key] = Population(key, identity, sorted(runs, key=lambda r: (r[0], str(r[1]))))
+    for fields, ids in labels.items():
+        if len(ids) > 1:
+            first = by_id[ids[0]][1]["settings"]
+            diffs = sorted({k for i in ids[1:] for k, v in by_id[i][1]["settings"].items() if first.get(k) != v}
+                           | {k for i in ids[1:] for k in ("recipe_sha", "data", "init") if by_id[i][1][k] != by_id[ids[0]][1][k]})
+            _warn(f"runs labelled {population_label(fields[2], fields[3], fields[4] / 100)} ({fields[0]}-{fields[1]}) "
+                  f"differ in {', '.join(diffs[:5]) or 'their settings'}: scored as {len(ids)} separate populations "
+                  f"({', '.join(i[:6] for i in ids)})", log)
     return pops
 
 
-def dense_key(key: PopKey) -> PopKey:
-    return PopKey(key.dataset, key.model, key.loss, "dense", 0)
+def assign_references(pops: dict, log: list):
+    """Each pruned population's dense reference: the dense population its runs started from (One-Shot),
+    else the dense population with the same data, architecture, loss and training settings."""
+    dense = [p for p in pops.values() if p.is_dense]
+    for pop in pops.values():
+        if pop.is_dense:
+            continue
+        init = pop.identity.get("init")
+        if init:
+            found = [d for d in dense if d.key.population == init]
+        else:
+            found = [d for d in dense if reference_id(d.identity) == reference_id(pop.identity)]
+        legacy = not init and not found and str(pop.identity.get("data", "")).count(":")
+        if legacy:  # an older version's runs: no identity recorded; the dense population of the same data and loss
+            found = [d for d in dense if (d.key.group, d.key.loss) == (pop.key.group, pop.key.loss)]
+        if not found:
+            _warn(f"population {pop.key.label} ({pop.key.group}) has no dense population with the same data and "
+                  f"training settings to compare with: no PIEs", log)
+            continue
+        found.sort(key=lambda d: -len(d.runs))
+        pop.reference = found[0].key
+        if len(found) > 1 or legacy:
+            _warn(f"population {pop.key.label} ({pop.key.group}) is compared with dense population "
+                  f"{found[0].key.label} ({found[0].key.population[:6]}, {len(found[0].runs)} runs)"
+                  + (f", one of {len(found)} that qualify" if len(found) > 1 else ", matched by data set name only"), log)
 
 
 def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | None) -> dict:
@@ -182,19 +300,34 @@ def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | No
     union of its loss's PIE sets)."""
     k = pop.key
     row = dict(dataset=k.dataset, model=k.model, loss=k.loss, method=k.method, sparsity=k.sparsity,
-               population=k.label, n_models=len(pop.outputs), modal_tied=pop.modal_tied,
-               runs=[str(r[1]) for r in pop.runs])
-    row["acc_mean"], row["acc_std"] = mean_std(torch.tensor([100 * o["acc"] for o in pop.outputs]))
+               population=k.label, population_id=k.population, n_models=len(pop.outputs), modal_tied=pop.modal_tied,
+               reference=pop.reference.label if pop.reference else "", runs=[str(r[1]) for r in pop.runs])
+    row["acc_mean"], row["acc_std"] = accuracy_mean_std(pop)
     if pie is not None:
         row["pie_count"], row["pie_tied"] = int(pie["mask"].sum()), pie["tied"]
     if pop.q is not None:
         for name in ("q", "z", "l1"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(pop.q[name])
+        row["q_nan"] = int(torch.isnan(pop.q["q"]).sum())  # samples whose Q is NaN (a model's h had NaN/inf)
     if pop.depth is not None and pd_mask is not None:
         row["depth_models"] = pop.n_depth
         row["pd_pie_mean"], row["pd_pie_std"] = mean_std(pop.depth[pd_mask])
         row["pd_nonpie_mean"], row["pd_nonpie_std"] = mean_std(pop.depth[~pd_mask])
     return row
+
+
+def accuracy_mean_std(pop: Population) -> tuple[float, float]:
+    """Test accuracy in % (mean, std over the population's models), in float64 from the correct/total counts.
+
+    The mean is 100 * (correct answers of all models) / (models * test samples), rounded once: the float64
+    nearest the exact mean (float32 accuracies drifted: 8300 and 8299 of 10000 gave 82.99499512, not 82.995)."""
+    test_y = pop.data.test_y if pop.data is not None else None
+    if test_y is None or not pop.outputs:
+        return mean_std([100.0 * float(o["acc"]) for o in pop.outputs])
+    correct = [int((o["preds"] == test_y).sum()) for o in pop.outputs]
+    total = len(test_y)
+    _, std = mean_std([100.0 * c / total for c in correct])
+    return 100.0 * sum(correct) / (len(correct) * total), std
 
 
 def umap_coordinates(h: torch.Tensor, seed: int = 0) -> np.ndarray:
@@ -208,19 +341,23 @@ def umap_coordinates(h: torch.Tensor, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------- the whole evaluation
 def score_population(pop: Population, data: ImageData, device, metrics, depth_models, knn_k, reference,
-                     tie_break, log) -> int:
+                     tie_break, log, probes: str = "authors", depth_train: str = "clean") -> int:
     """Per-model outputs (cached) and per-sample population values of one population; returns how
-    many models had to be computed (the rest came from the cache)."""
+    many models had to be computed (the rest came from the cache). A model whose logits or h are not
+    finite is left out with a warning."""
     computed = 0
-    for i, (_, run_dir, _) in enumerate(pop.runs):
-        depth_key = f"k{knn_k}-{reference}" if "depth" in metrics and i < depth_models else None
+    for i, (_, run_dir, cfg) in enumerate(pop.runs):
+        depth_key = f"k{knn_k}-{reference}-{probes}-{depth_train}" if "depth" in metrics and i < depth_models else None
         try:
-            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference)
+            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg)
         except Exception as err:  # one bad checkpoint must not stop the others
             _warn(f"run {run_dir} failed to score: {first_line(err)}", log)
             continue
         computed += o.pop("computed")
-        o["acc"] = float((o["preds"] == data.test_y).float().mean())
+        if not o.pop("finite"):
+            _warn(f"run {run_dir} left out of {pop.key.label}: NaN/inf in its logits or representation h", log)
+            continue
+        o["acc"] = int((o["preds"] == data.test_y).sum()) / len(data.test_y)
         pop.outputs.append(o)
     if not pop.outputs:
         return computed
@@ -237,15 +374,16 @@ def score_population(pop: Population, data: ImageData, device, metrics, depth_mo
 
 
 def find_pies(scored: dict, tie_break: str, log: list) -> dict:
-    """{pruned PopKey: {mask (N,) bool, tied}}: each pruned population against the dense population
-    of the same data set, model and loss (Hooker et al. 2019)."""
+    """{pruned PopKey: {mask (N,) bool, tied}}: each pruned population against its dense reference
+    (Hooker et al. 2019)."""
     pies = {}
     for key, pop in scored.items():
-        if key.method == "dense":
+        if pop.is_dense or pop.reference is None:
             continue
-        dense = scored.get(dense_key(key))
+        dense = scored.get(pop.reference)
         if dense is None:
-            _warn(f"population {key.label} ({key.group}) has no dense population to compare with: no PIEs", log)
+            _warn(f"population {key.label} ({key.group}): its dense reference {pop.reference.label} could not be "
+                  f"scored: no PIEs", log)
         elif len(pop.outputs) < 2 or len(dense.outputs) < 2:
             _warn(f"population {key.label} ({key.group}) or its dense counterpart has one model: "
                   "PIEs (a difference of modal labels) are undefined", log)
@@ -256,71 +394,105 @@ def find_pies(scored: dict, tie_break: str, log: list) -> dict:
     return pies
 
 
+def load_population_data(pop: Population, cache: dict, log: list) -> ImageData | None:
+    """The population's own data, from where its first run was trained, checked against the fingerprint
+    its runs recorded (None, with a warning, when it is missing or has changed since)."""
+    cfg = pop.runs[0][2]
+    source = (cfg["dataset"], cfg.get("data_root", ""))
+    if source not in cache:
+        try:
+            cache[source] = load_data(*source)
+        except UserError as err:
+            cache[source] = err
+    data = cache[source]
+    if isinstance(data, UserError):
+        _warn(f"population {pop.key.label} ({pop.key.group}) skipped: {data}", log)
+        return None
+    recorded = pop.identity.get("data", "")
+    if ":" not in recorded and recorded != data.fingerprint:  # (older versions recorded no fingerprint)
+        _warn(f"population {pop.key.label} ({pop.key.group}) skipped: the data at {source[1] or source[0]} has "
+              f"changed since its runs were trained (fingerprint {data.fingerprint}, recorded {recorded})", log)
+        return None
+    return data
+
+
 def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models: int = 5, knn_k: int = 30,
-             tie_break: str = "min", depth_reference: str = "label", report: bool = True) -> Path:
+             tie_break: str = "min", depth_reference: str = "label", report: bool = True, probes: str = "authors",
+             depth_train: str = "clean") -> Path:
     """Score every population under runs_dir; write tables, summary.json, figure data and the report;
     return the eval dir."""
     metrics = tuple(metrics or ALL_METRICS)
-    unknown = set(metrics) - set(ALL_METRICS)
-    if unknown:
-        raise UserError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_METRICS)}")
-    if tie_break not in ("min", "max") or depth_reference not in ("label", "prediction"):
-        raise UserError("tie_break must be min|max and depth_reference label|prediction")
+    check_settings(metrics, depth_models, knn_k, device, probes, depth_train, tie_break, depth_reference)
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise UserError(f"runs folder not found: {runs_dir}")
     out = Path(out) if out else runs_dir / "eval"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' asked for, but no CUDA GPU is available")
+    from .evalfolder import check_out_folder
+
+    check_out_folder(out)  # a folder that is not ours, or not writable: refused before anything is loaded
+    if "depth" in metrics and depth_models > 0:
+        check_knn_k(runs_dir, knn_k)
     log: list = []
     pops = collect_populations(runs_dir, log)
     if not pops:
         raise UserError(f"no finished runs (done.json) under {runs_dir}")
+    assign_references(pops, log)
 
-    data_by_source: dict = {}
+    data_cache: dict = {}
     scored, n_computed = {}, 0
-    for key in sorted(pops, key=lambda k: (k.group, k.loss, k.method != "dense", k.method, k.sparsity)):
-        pop, cfg = pops[key], pops[key].runs[0][2]
-        source = (cfg["dataset"], cfg.get("data_root", ""))
-        if source not in data_by_source:
-            try:
-                data_by_source[source] = load_data(*source)
-            except UserError as err:
-                data_by_source[source] = err
-        data = data_by_source[source]
-        if isinstance(data, UserError):
-            _warn(f"population {key.label} ({key.group}) skipped: {data}", log)
+    for key in sorted(pops, key=lambda k: (k.group, k.loss, k.method != DENSE, k.method, k.sparsity, k.population)):
+        pop = pops[key]
+        data = load_population_data(pop, data_cache, log)
+        if data is None:
             continue
-        n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference, tie_break, log)
+        n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference, tie_break, log,
+                                       probes, depth_train)
         if pop.outputs:
             scored[key] = pop
     if not scored:
         raise UserError(f"nothing could be scored under {runs_dir} (see warnings above)")
 
     pies = find_pies(scored, tie_break, log) if "pie" in metrics else {}
-    # the dense row of Table 6 splits its PD-Scores by the union of its loss's PIE sets (every method, sparsity)
+    # the dense row of Table 6 splits its PD-Scores by the union of the PIE sets of every population it is the
+    # reference of (every method and sparsity of its loss)
     pd_masks = {key: pie["mask"] for key, pie in pies.items()}
-    for key in scored:
-        unions = [pie["mask"] for k, pie in pies.items() if key.method == "dense" and dense_key(k) == key]
+    for key, pop in scored.items():
+        unions = [pie["mask"] for k, pie in pies.items() if pop.is_dense and scored[k].reference == key]
         if unions:
             pd_masks[key] = torch.stack(unions).any(0)
 
     rows = [population_row(pop, pies.get(key), pd_masks.get(key)) for key, pop in scored.items()]
-    for folder in (out, out / "tables", out / "figdata"):
-        folder.mkdir(parents=True, exist_ok=True)
-    populations = pd.DataFrame(rows)
-    populations.drop(columns=["runs"]).to_csv(out / "tables" / "populations.csv", index=False)
-    write_per_sample(out, scored, pies, "depth" in metrics)
-    write_pie_breakdowns(out, scored, pies)
-    if "umap" in metrics:
-        write_umap(out, scored)
-    write_tables(populations, out / "tables")
+    import time
 
+    from .evalfolder import MARKER, commit_outputs, lingering_files, staged_outputs
+
+    warn_bad_values(scored, log)
+    populations = pd.DataFrame(rows)
     summary = dict(runs_dir=str(runs_dir), settings=dict(metrics=list(metrics), depth_models=depth_models, knn_k=knn_k,
-                                                          tie_break=tie_break, depth_reference=depth_reference, device=device),
+                                                          tie_break=tie_break, depth_reference=depth_reference, device=device,
+                                                          probes=probes, depth_train=depth_train),
                    populations=rows, warnings=log, models_scored=sum(len(p.outputs) for p in scored.values()),
-                   models_computed=n_computed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+                   models_computed=n_computed, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    # everything is written into a staging folder inside `out`, then moved into place (summary.json last);
+    # what an earlier eval wrote there and this one does not (its Table 6, figures, report) is removed
+    with staged_outputs(out) as stage:
+        for folder in (stage / "tables", stage / "figdata"):
+            folder.mkdir()
+        populations.drop(columns=["runs"]).to_csv(stage / "tables" / "populations.csv", index=False)
+        write_per_sample(stage, scored, pies, "depth" in metrics)
+        write_pie_breakdowns(stage, scored, pies)
+        if "umap" in metrics:
+            write_umap(stage, scored)
+        write_tables(populations, stage / "tables")
+        for rel in lingering_files(out, stage):
+            _warn(f"{out / rel} was not written by whatislost-eval (not in {MARKER}) and is left as it is, "
+                  "but the report may show it as part of this eval: move it away", log)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=float))  # holds the warnings
+        commit_outputs(stage, out)
     if report:
         from .report import build_report  # matplotlib is imported only when figures are drawn
 
@@ -328,6 +500,20 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     print(f"scored {len(scored)} population(s), {summary['models_scored']} model(s) "
           f"({n_computed} computed, {summary['models_scored'] - n_computed} from cache) -> {out}")
     return out
+
+
+def warn_bad_values(scored: dict, log: list):
+    """Warn about NaN/inf that reached the scores: models whose h is not finite, NaN Q-Scores."""
+    for key, pop in scored.items():
+        bad = sum(not bool(torch.isfinite(o["h"]).all()) for o in pop.outputs if "h" in o)
+        if bad:
+            _warn(f"population {key.label} ({key.group}): {bad} of {len(pop.outputs)} model(s) have NaN/inf in "
+                  "their representation h", log)
+        if pop.q is not None:
+            n_nan = int(torch.isnan(pop.q["q"]).sum())
+            if n_nan:
+                _warn(f"population {key.label} ({key.group}): Q-Score is NaN for {n_nan} of {len(pop.q['q'])} samples "
+                      "(NaN/inf in a model's h); its Q, Z and L1 means are NaN", log)
 
 
 def write_per_sample(out: Path, scored: dict, pies: dict, depth_on: bool):
@@ -346,7 +532,8 @@ def write_per_sample(out: Path, scored: dict, pies: dict, depth_on: bool):
                 cols[f"{key.label}:q"] = pop.q["q"].numpy()
             if depth_on and pop.depth is not None:
                 cols[f"{key.label}:pd"] = pop.depth.numpy()
-        pd.DataFrame(cols).to_csv(out / "tables" / f"per_sample_{group}.csv", index=False, float_format="%.5g")
+        pd.DataFrame(cols).to_csv(out / "tables" / f"per_sample_{group}.csv", index=False, float_format="%.5g",
+                                  na_rep="nan")  # a NaN score shows as nan, not as an empty cell
         pie_ids = sorted({int(i) for k, p in pies.items() if k.group == group for i in torch.nonzero(p["mask"]).flatten()})
         np.savez_compressed(out / "figdata" / f"pie_images_{group}.npz", sample_id=np.array(pie_ids, dtype=np.int64),
                             images=data.test_x[pie_ids].numpy() if pie_ids else np.zeros((0, *data.test_x.shape[1:]), np.uint8),
@@ -364,9 +551,10 @@ def write_pie_breakdowns(out: Path, scored: dict, pies: dict):
     for key, pie in pies.items():
         if key.loss != "ce":
             continue
-        other = PopKey(key.dataset, key.model, "supcon", key.method, key.sparsity)
-        if other not in pies:
+        others = [k for k in pies if (k.group, k.loss, k.method, k.sparsity) == (key.group, "supcon", key.method, key.sparsity)]
+        if len(others) != 1:
             continue
+        other = others[0]
         y, classes = scored[key].data.test_y, scored[key].data.classes
         sup, scl = pie["mask"], pies[other]["mask"]
         for c in range(len(classes)):
@@ -394,22 +582,56 @@ def write_umap(out: Path, scored: dict):
         pd.concat(frames).to_csv(out / "figdata" / f"umap_{group}.csv", index=False, float_format="%.4f")
 
 
+def check_knn_k(runs_dir: Path, knn_k: int):
+    """UserError unless k <= the training set size of every data set the finished runs under runs_dir used.
+
+    Read from each run's config.yaml and the data set (not the checkpoints), so that a k the kNN
+    probes cannot use is refused before any model is loaded. Runs or data sets that cannot be
+    read are left to the scoring, which warns about them."""
+    import yaml
+
+    sources = set()
+    for run_dir in find_runs(runs_dir)[0]:
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+            sources.add((str(cfg["dataset"]), str(cfg.get("data_root") or "")))
+        except Exception:
+            continue
+    for source in sorted(sources):
+        try:
+            n = len(load_data(*source).train_y)
+        except Exception:
+            continue
+        if knn_k > n:
+            raise UserError(f"--knn-k {knn_k} is larger than the training set of {source[0]}"
+                            f"{' at ' + source[1] if source[1] else ''} ({n} images): the prediction-depth kNN "
+                            f"probes need k <= {n}")
+
+
 # ---------------------------------------------------------------- command line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="whatislost-eval", description="Score populations of finished whatislost runs.")
     p.add_argument("runs_dir")
     p.add_argument("--out", help="output folder (default RUNS_DIR/eval)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated subset of {','.join(ALL_METRICS)}")
     p.add_argument("--depth-models", type=int, default=5, help="models per population used for prediction depth")
     p.add_argument("--knn-k", type=int, default=30, help="k of the prediction-depth kNN probes")
     p.add_argument("--tie-break", default="min", choices=["min", "max"], help="class picked when the modal label is tied")
     p.add_argument("--depth-reference", default="label", choices=["label", "prediction"],
                    help="label: true label (the paper's code, default); prediction: final prediction (Baldock et al.)")
+    p.add_argument("--probes", default="authors", choices=PROBE_LAYOUTS,
+                   help="prediction-depth probes: authors (the paper's code: 16 inside WRN-16-2) or blocks (stem, every "
+                        "block's output, h: 8)")
+    p.add_argument("--depth-train", dest="depth_train", default="clean", choices=DEPTH_TRAIN,
+                   help="training images the depth kNN is fitted on: clean, or augmented once with the run's Sup "
+                        "augmentation (the paper's code)")
     p.add_argument("--no-report", action="store_true", help="tables and figure data only")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     args = p.parse_args(argv)
     run_eval(args.runs_dir, args.out, args.device, tuple(m for m in args.metrics.split(",") if m), args.depth_models,
-             args.knn_k, args.tie_break, args.depth_reference, report=not args.no_report)
+             args.knn_k, args.tie_break, args.depth_reference, report=not args.no_report, probes=args.probes,
+             depth_train=args.depth_train)
     return 0
 
 

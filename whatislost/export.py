@@ -13,8 +13,10 @@ temporary folder beside FILE.onnx and moved into place only after two checks pas
     parity    onnxruntime vs PyTorch on up to 256 real test images of the run's data set:
               max |difference| <= 1e-4 and identical predicted labels.
 
-FILE.onnx.json, written last, records the source run, recipe, per-layer and overall
-sparsity, test accuracy, preprocessing and the parity result.
+FILE.onnx.json, moved into place last, records the source run, recipe, per-layer and overall
+sparsity, test accuracy, preprocessing and the parity result. An existing FILE.onnx is replaced
+only when it is an earlier export of this tool (its FILE.onnx.json record is there); any other
+file, a folder, an unwritable or read-only destination is refused before the model is loaded.
 """
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ import torch.nn as nn
 
 import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml loads)
 
-from .config import UserError, run_cli
+from .cli import UserError, first_line, run_cli
 from .data import load_data
-from .rundir import find_runs, is_finished, load_model
+from .rundir import CHECKPOINT, find_runs, is_finished, load_model
 
 PARTS = ("classifier", "encoder")
 OUTPUT_NAME = {"classifier": "logits", "encoder": "h"}
@@ -185,21 +187,94 @@ def check_args(part: str, opset: int, out: Path | None):
         raise UserError(f"--out must name a .onnx file; got {out}")
 
 
+def is_export_record(path: Path) -> bool:
+    """Whether path is a JSON record this tool wrote beside an exported file (FILE.onnx.json)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and all(k in record for k in ("onnx", "source_run", "part", "parity"))
+
+
+def writable_dir(folder: Path) -> bool:
+    """Whether a file can be created in folder (tried: permissions say nothing for root or read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".whatislost-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def check_out(out: Path, run_dir: Path, given: bool):
+    """Refuse (UserError, nothing touched) an output path that cannot be written, or that holds a file this
+    tool did not export (an existing FILE.onnx is replaced only when its FILE.onnx.json record is ours)."""
+    record = record_path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a .onnx file")
+    if out.exists() or out.is_symlink():
+        if not is_export_record(record):
+            raise UserError(f"{out} exists and is not an earlier whatislost-export output (no {record.name} record "
+                            f"beside it); remove it or pass another --out (nothing was changed)")
+    elif record.exists() and (record.is_dir() or not is_export_record(record)):
+        raise UserError(f"{record} exists and is not a whatislost-export record; remove it or pass another --out "
+                        f"(nothing was changed)")
+    existing = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write {out}: {existing} is a file, not a folder")
+    if not writable_dir(existing):
+        if not given and existing == run_dir.absolute():
+            raise UserError(f"run directory {run_dir} is read-only; pass --out FILE.onnx to export elsewhere")
+        raise UserError(f"cannot write {out}: {existing} is not writable; pass --out FILE.onnx elsewhere")
+
+
+# what the export reads from a checkpoint, besides state_dict and arch (checked by rundir.load_checkpoint)
+CHECKPOINT_KEYS = ("config", "dataset", "classes", "loss", "method", "recipe", "target_sparsity", "sparsity",
+                   "layer_sparsity", "test_acc")
+
+
+def load_run(run_dir: Path):
+    """(model, checkpoint) of a finished run; UserError for a checkpoint that is truncated, corrupted or not a
+    whatislost checkpoint (a torch file with other keys)."""
+    try:
+        model, ckpt = load_model(run_dir)
+    except UserError:
+        raise
+    except Exception as err:  # what rundir does not already name: a damaged file is the user's to fix
+        raise UserError(f"checkpoint {run_dir / CHECKPOINT} cannot be loaded (corrupted, truncated or not a "
+                        f"whatislost checkpoint): {first_line(err)}") from err
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if not missing:
+        cfg = ckpt["config"]
+        if not (isinstance(cfg, dict) and "dataset" in cfg and "data_root" in cfg):
+            missing = ["config.dataset/config.data_root"]
+        elif not isinstance(ckpt["layer_sparsity"], dict):
+            missing = ["layer_sparsity mapping"]
+    if missing:
+        raise UserError(f"checkpoint {run_dir / CHECKPOINT} is not a whatislost checkpoint of a finished run "
+                        f"(no {', '.join(missing)})")
+    return model, ckpt
+
+
 def export_run(run_dir, out=None, part: str = "classifier", opset: int = DEFAULT_OPSET,
                data_root: str | None = None) -> dict:
     """Export one finished run to ONNX with SparseML, check sparsity and parity, write the JSON record.
 
     Returns the record. Everything a user can get wrong is checked before anything is written;
-    a failed check leaves no file behind.
+    a failed check leaves no file behind. An existing output is replaced (atomically) only when it
+    is an earlier export of this tool, i.e. has its JSON record.
     """
     run_dir = Path(run_dir)
-    out = Path(out) if out else default_out(run_dir, part)
+    given = out is not None and str(out) != ""
+    out = Path(out) if given else default_out(run_dir, part)
     check_args(part, opset, out)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
     if not is_finished(run_dir):
         raise UserError(f"{run_dir} is not a finished run (no done.json)")
-    model, ckpt = load_model(run_dir)
+    check_out(out, run_dir, given)
+    model, ckpt = load_run(run_dir)
     x, mean, std = parity_images(ckpt, data_root)
     # imported only now: sparseml's import is slow and warns, and mistakes above should answer fast in one line
     from onnx import load as load_onnx
@@ -207,41 +282,58 @@ def export_run(run_dir, out=None, part: str = "classifier", opset: int = DEFAULT
 
     module = model if part == "classifier" else Representation(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # SparseML writes into this folder only; it sits beside `out` so the final move is atomic
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".whatislost-export-") as tmp:
-        with warnings.catch_warnings():
-            # the TorchScript exporter is required here (dynamo=False) and warns that it is legacy;
-            # the constant-folding hint is about training-mode models, ours is in eval mode
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
-            warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
-            # an export batch of 2: parity then runs 256 images through the dynamic batch axis
-            ModuleExporter(module, tmp).export_onnx(x[:2], name=out.name, opset=opset, dynamo=False,
-                                                     input_names=["images"], output_names=[OUTPUT_NAME[part]])
-        tmp_onnx = Path(tmp) / out.name
-        layers = check_sparsity(load_onnx(str(tmp_onnx)), module, ckpt)
-        parity = check_parity(tmp_onnx, module, x, model.classifier if part == "encoder" else None)
-        record_path(out).unlink(missing_ok=True)  # an old record must not vouch for the new file
-        os.replace(tmp_onnx, out)
+    created = [p for p in (out.parent.absolute(), *out.parent.absolute().parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {out.parent}: {first_line(err)}") from err
+    try:
+        # SparseML writes into this folder only; it sits beside `out` so the final moves are atomic
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".whatislost-export-") as tmp:
+            with warnings.catch_warnings():
+                # the TorchScript exporter is required here (dynamo=False) and warns that it is legacy;
+                # the constant-folding hint is about training-mode models, ours is in eval mode
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+                warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
+                # an export batch of 2: parity then runs 256 images through the dynamic batch axis
+                ModuleExporter(module, tmp).export_onnx(x[:2], name=out.name, opset=opset, dynamo=False,
+                                                         input_names=["images"], output_names=[OUTPUT_NAME[part]])
+            tmp_onnx = Path(tmp) / out.name
+            layers = check_sparsity(load_onnx(str(tmp_onnx)), module, ckpt)
+            parity = check_parity(tmp_onnx, module, x, model.classifier if part == "encoder" else None)
 
-    zeros = sum(v["zeros"] for v in layers.values())
-    total = sum(int(np.prod(v["shape"])) for v in layers.values())
-    out_dim = ckpt["arch"]["num_classes"] if part == "classifier" else model.encoder.dim
-    record = dict(
-        onnx=str(out), source_run=str(run_dir.resolve()), part=part, opset=opset,
-        input=dict(name="images", shape=["batch", *x.shape[1:]],
-                   preprocessing="(uint8 / 255 - mean) / std per channel", mean=mean, std=std),
-        output=dict(name=OUTPUT_NAME[part], shape=["batch", out_dim]),
-        dataset=ckpt["dataset"], classes=ckpt["classes"], loss=ckpt["loss"], method=ckpt["method"],
-        recipe=ckpt["recipe"],
-        target_sparsity=ckpt["target_sparsity"], run_sparsity=ckpt["sparsity"],
-        sparsity=zeros / total if total else 0.0, layers=layers, test_acc=ckpt["test_acc"],
-        parity=dict(inputs=f"first {len(x)} test images of {ckpt['dataset']}", **parity),
-        versions=versions(), exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
-    tmp_json = out.with_name(f".{out.name}.json.tmp")
-    tmp_json.write_text(json.dumps(record, indent=2))
-    tmp_json.replace(record_path(out))  # written last: an .onnx without its record was not checked
+            zeros = sum(v["zeros"] for v in layers.values())
+            total = sum(int(np.prod(v["shape"])) for v in layers.values())
+            out_dim = ckpt["arch"]["num_classes"] if part == "classifier" else model.encoder.dim
+            record = dict(
+                onnx=str(out), source_run=str(run_dir.resolve()), part=part, opset=opset,
+                input=dict(name="images", shape=["batch", *x.shape[1:]],
+                           preprocessing="(uint8 / 255 - mean) / std per channel", mean=mean, std=std),
+                output=dict(name=OUTPUT_NAME[part], shape=["batch", out_dim]),
+                dataset=ckpt["dataset"], classes=ckpt["classes"], loss=ckpt["loss"], method=ckpt["method"],
+                recipe=ckpt["recipe"],
+                target_sparsity=ckpt["target_sparsity"], run_sparsity=ckpt["sparsity"],
+                sparsity=zeros / total if total else 0.0, layers=layers, test_acc=ckpt["test_acc"],
+                parity=dict(inputs=f"first {len(x)} test images of {ckpt['dataset']}", **parity),
+                versions=versions(), exported_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            )
+            tmp_json = Path(tmp) / "record.json"
+            with open(tmp_json, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            # both files are complete before either moves: an old record must not vouch for the new file,
+            # and an .onnx without its record was not checked
+            record_path(out).unlink(missing_ok=True)
+            os.replace(tmp_onnx, out)
+            os.replace(tmp_json, record_path(out))
+    except BaseException:
+        for folder in created:  # folders this export made for `out` and left empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return record
 
 
@@ -275,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset, {MIN_OPSET} to the installed onnx's newest (default {DEFAULT_OPSET})")
     p.add_argument("--data-root", dest="data_root", metavar="DIR",
                    help="where the run's data set is now, if it moved since training (parity check)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     return p
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import UserError
+from .cli import UserError
 from .tables import column_name, in_order, lookup
 
 # the paper's figure columns (Figs 2-5, 7); other (loss, method) pairs follow alphabetically
@@ -41,8 +41,13 @@ def load_populations(eval_dir: Path) -> pd.DataFrame:
     path = Path(eval_dir) / "tables" / "populations.csv"
     if not path.is_file():
         raise UserError(f"not an eval folder (no tables/populations.csv): {eval_dir}")
-    pops = pd.read_csv(path)
-    pops["group"] = pops.dataset + "-" + pops.model
+    try:
+        pops = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} cannot be read (truncated or damaged?): {str(err).strip().splitlines()[0]}") from None
+    if not {"dataset", "model", "loss", "method", "sparsity", "population"} <= set(pops.columns):
+        raise UserError(f"{path} is not a whatislost-eval populations table")
+    pops["group"] = pops.dataset.astype(str) + "-" + pops.model.astype(str)
     return pops
 
 
@@ -101,11 +106,15 @@ def new_figure(width: float, height: float, layout="constrained"):
 
 
 def save(fig, eval_dir: Path, name: str, group: str) -> list:
+    """figures/<name>_<group>.png and .pdf, each written under a temporary name and renamed."""
+    from .evalfolder import atomic_path
+
     folder = Path(eval_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}_{group}.png", folder / f"{name}_{group}.pdf"]
-    fig.savefig(paths[0], dpi=110)
-    fig.savefig(paths[1])
+    for path, kw in ((paths[0], dict(dpi=110)), (paths[1], {})):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:], **kw)
     return paths
 
 
@@ -402,6 +411,8 @@ def draw_figures(eval_dir: Path, scatter_sparsity=None, gallery_sparsity=None, u
 
     scatter_sparsity: sparsity of the Q/PD-Score scatters (default the highest); gallery_sparsity:
     of the PIE gallery (default the lowest); umap_which: 'first' model or 'mean' representation."""
+    import matplotlib
+
     options = {"qscore": dict(sparsity=scatter_sparsity), "pdscore": dict(sparsity=scatter_sparsity),
                "pie_gallery": dict(sparsity=gallery_sparsity), "umap": dict(which=umap_which)}
     records = []
@@ -409,8 +420,12 @@ def draw_figures(eval_dir: Path, scatter_sparsity=None, gallery_sparsity=None, u
         for name, title, draw, caption in FIGURES:
             record = dict(group=group, name=name, title=title, caption=caption, paths=[])
             try:
-                record["paths"] = draw(Path(eval_dir), group, **options.get(name, {}))
+                # names from data (classes, folders, methods) are shown as written: '$' is not mathtext
+                with matplotlib.rc_context({"text.parse_math": False}):
+                    record["paths"] = draw(Path(eval_dir), group, **options.get(name, {}))
             except MissingData as why:
                 record["missing"] = str(why)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+                record["missing"] = f"an input table cannot be read (truncated or damaged?): {str(err).strip()}"
             records.append(record)
     return records

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5,
+                base_temperature: float | None = None) -> torch.Tensor:
     """SupCon loss, Khosla et al. 2020, eq. 2 (L^sup_out).
 
     features: (B, V, D) projections of V augmented views of B images (normalised here).
@@ -17,7 +18,12 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
         L = mean_i  -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )
 
     over all 2B anchors i. Anchors without positives (possible only with V=1) are skipped.
-    Unlike the reference code there is no extra t/base_t factor (it only rescales the loss).
+
+    base_temperature: SupContrast's reference code (and Corti et al.'s utils/losses.py, called
+    with base_temperature=0.07) multiplies the loss by temperature / base_temperature (0.5/0.07,
+    about 7.1). Under SGD that is not a mere rescaling: it scales the loss's gradient against
+    an unchanged weight decay, i.e. a 7.1x larger effective learning rate on the loss. None
+    (the default) applies no factor.
     """
     b, v, _ = features.shape
     z = F.normalize(features.float(), dim=-1).transpose(0, 1).reshape(b * v, -1)  # view-major, (BV, D)
@@ -30,4 +36,5 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     n_pos = positives.sum(1)
     mean_log_prob_pos = log_prob.masked_fill(~positives, 0.0).sum(1) / n_pos.clamp_min(1)
     has_pos = n_pos > 0
-    return -mean_log_prob_pos[has_pos].mean()
+    loss = -mean_log_prob_pos[has_pos].mean()
+    return loss if base_temperature is None else loss * (temperature / base_temperature)

@@ -141,6 +141,8 @@ def q_score(h: torch.Tensor) -> Dict[str, torch.Tensor]:
         * all features equal (std 0): z = 0, q = 0, l1 = sqrt(D) as usual.
     "std 0" is tested with a tolerance (std <= 64 * eps * max|u|) because the
     float std of a constant vector is a rounding residue, not 0.
+    A sample with any NaN or infinite feature gets NaN q, z and l1: these conventions
+    are for finite rows only, and a broken representation must show as NaN, not as 0.
 
     Args:
         h: (N, D) floating tensor, the encoder's final representation (after
@@ -152,6 +154,12 @@ def q_score(h: torch.Tensor) -> Dict[str, torch.Tensor]:
     if h.dim() != 2:
         raise ValueError(f"h must be (samples, features), got shape {tuple(h.shape)}")
     x = h.detach().to(torch.float64)
+    # a NaN or infinite feature makes the sample's scores NaN: a bad value is shown, never turned into 0
+    bad = ~torch.isfinite(x).all(dim=1)
+    x = torch.where(bad.unsqueeze(1), 0.0, x)
+    # u = h / ||h||_2 is scale-free: dividing by max|h| first keeps the norm from overflowing (or underflowing)
+    scale = x.abs().amax(dim=1, keepdim=True)
+    x = x / torch.where(scale > 0, scale, 1.0)
     norm2 = x.norm(dim=1, keepdim=True)
     u = torch.where(norm2 > 0, x / torch.where(norm2 > 0, norm2, 1.0), 0.0)
     l1 = u.abs().sum(dim=1)
@@ -162,7 +170,8 @@ def q_score(h: torch.Tensor) -> Dict[str, torch.Tensor]:
     safe_std = torch.where(flat, 1.0, std)
     z = torch.where(flat, 0.0, (u.amax(dim=1) - mean) / safe_std)
     q = torch.where(flat | (l1 == 0), 0.0, z / torch.where(l1 > 0, l1, 1.0))
-    return {"q": q, "z": z, "l1": l1}
+    nan = torch.full_like(q, math.nan)
+    return {"q": torch.where(bad, nan, q), "z": torch.where(bad, nan, z), "l1": torch.where(bad, nan, l1)}
 
 
 # --------------------------------------------------------------------------- kNN
@@ -418,7 +427,11 @@ def prediction_depth(
 
 # ------------------------------------------------------------------- summaries
 def mean_std(values: torch.Tensor) -> Tuple[float, float]:
-    """Mean and population std (ddof=0, as the authors' np.std) of a 1-D tensor."""
+    """Mean and population std (ddof=0, as the authors' np.std) of a 1-D tensor, in float64.
+
+    A NaN or infinite value is not skipped: it makes the mean (and std) NaN/inf, so it shows.
+    Pass Python floats or float64 values (e.g. accuracies from correct/total counts): a
+    float32 tensor is already rounded before it gets here."""
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
     if x.numel() == 0:
         return math.nan, math.nan

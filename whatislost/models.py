@@ -12,6 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+PROBE_LAYOUTS = ("blocks", "authors")
+
+
 class Block(nn.Module):
     """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus (1x1 conv) shortcut."""
 
@@ -25,12 +28,22 @@ class Block(nn.Module):
         if c_in != c_out or stride != 1:
             self.conv_shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, taps: list | None = None):
+        """x (B, C_in, H, W) -> (B, C_out, H', W'). With `taps`, appends the authors' probes of this block,
+        each globally average-pooled to (B, C_out): the inner activation relu(bn2(conv1)), the second
+        convolution's output before the residual sum, and, where there is no shortcut convolution, the
+        block's output (FraCorti/...: utils/models.py, BasicBlock.forward)."""
         o = F.relu(self.bn1(x))
         # where the shape changes the shortcut sees the pre-activated input, as in the WRN reference code
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(o)
-        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
-        return y + shortcut
+        inner = F.relu(self.bn2(self.conv1(o)))
+        y = self.conv2(inner)
+        out = y + shortcut
+        if taps is not None:
+            taps += [inner.mean((2, 3)), y.mean((2, 3))]
+            if self.conv_shortcut is None:
+                taps.append(out.mean((2, 3)))
+        return out
 
 
 class Encoder(nn.Module):
@@ -51,23 +64,34 @@ class Encoder(nn.Module):
         self.bn = nn.BatchNorm2d(c_in)
         self.dim = c_in
 
-    @property
-    def num_probes(self) -> int:
-        """Hidden representations returned by forward(return_hidden=True): stem, each block, final h."""
-        return len(self.blocks) + 2
+    def num_probes(self, layout: str = "blocks") -> int:
+        """How many hidden representations forward(return_hidden=True, probes=layout) returns."""
+        if layout == "blocks":
+            return len(self.blocks) + 2
+        return 1 + sum(3 if b.conv_shortcut is None else 2 for b in self.blocks)
 
-    def forward(self, x, return_hidden: bool = False):
-        """h (B, dim); with return_hidden also a list of pooled (B, C_p) tensors for prediction depth:
-        the stem output, every block's output, and h itself (after the final BN-ReLU)."""
+    def forward(self, x, return_hidden: bool = False, probes: str = "blocks"):
+        """h (B, dim); with return_hidden also a list of pooled (B, C_p) tensors for prediction depth.
+
+        probes="blocks": the stem output, every block's output, and h itself (after the final
+            BN-ReLU): 8 probes for WRN-16-2.
+        probes="authors": the probes of Corti et al.'s code (utils/models.py): the stem output,
+            then in every block relu(bn2(conv1)), conv2's output before the residual sum, and the
+            block output where the block has no shortcut convolution: 16 probes for WRN-16-2
+            (their PD values run 1-16); h itself is not probed.
+        """
+        if probes not in PROBE_LAYOUTS:
+            raise ValueError(f"probes must be one of {PROBE_LAYOUTS}, got {probes!r}")
         x = self.conv(x)
         hidden = [x.mean((2, 3))] if return_hidden else None
         for block in self.blocks:
-            x = block(x)
-            if return_hidden:
+            x = block(x, taps=hidden if return_hidden and probes == "authors" else None)
+            if return_hidden and probes == "blocks":
                 hidden.append(x.mean((2, 3)))
         h = F.relu(self.bn(x)).mean((2, 3))
         if return_hidden:
-            hidden.append(h)
+            if probes == "blocks":
+                hidden.append(h)
             return h, hidden
         return h
 

@@ -5,25 +5,29 @@ an existing eval folder. The page shows the run inventory (populations, model co
 recipes, missing or failed runs), Tables 1 and 4-6, every figure (whatislost.figures: PNGs
 in EVAL_DIR/figures beside the report folder, PDFs linked) and each population's
 configuration and recipe. Plain HTML and CSS, no JavaScript, nothing fetched: it opens
-straight from disk, as long as the eval folder stays together.
+straight from disk, as long as the eval folder stays together. Every string that comes from
+data, configs or file names is HTML-escaped (and URL-quoted in src/href); index.html is written
+under a temporary name and renamed; figures the report no longer draws are removed (only those
+whatislost listed as its own in EVAL_DIR/.whatislost-eval, see whatislost.evalfolder).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import html
-import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 import yaml
 
 import whatislost
 
-from .config import UserError, run_cli
-from .figures import draw_figures, figure_columns
+from .cli import UserError, run_cli
+from .evalfolder import atomic_write_text, load_summary, record_report, writable
+from .figures import draw_figures, figure_columns, load_populations, pick_sparsity
 from .tables import TABLES, column_name
 
 CSS = """
@@ -44,14 +48,18 @@ pre { background: #f6f6f6; padding: 0.8em; overflow: auto; font-size: 13px; }
 
 
 def esc(value) -> str:
-    return html.escape(str(value))
+    """Text for HTML content and attribute values: & < > " ' escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def url(path) -> str:
+    """A relative file path for src/href: every character but letters, digits and '/_.-~' %-quoted, then escaped."""
+    return esc(quote(Path(path).as_posix(), safe="/"))
 
 
 def read_summary(eval_dir: Path) -> dict:
-    path = Path(eval_dir) / "summary.json"
-    if not path.is_file():
-        raise UserError(f"not an eval folder (no summary.json): {eval_dir}; run whatislost-eval first")
-    return json.loads(path.read_text())
+    """summary.json of an eval folder; UserError (one line) when missing, truncated or not an eval summary."""
+    return load_summary(eval_dir)
 
 
 def read_config(run_dir: Path) -> dict:
@@ -83,12 +91,15 @@ def html_table(df: pd.DataFrame, text_columns=()) -> str:
 
 # ---------------------------------------------------------------- sections
 def header(summary: dict, eval_dir: Path) -> str:
-    settings = ", ".join(f"{k}: {v if not isinstance(v, list) else ','.join(v)}" for k, v in summary["settings"].items())
+    settings = ", ".join(f"{k}: {v if not isinstance(v, list) else ','.join(map(str, v))}"
+                         for k, v in dict(summary["settings"]).items())
     scored, computed = summary.get("models_scored", 0), summary.get("models_computed", 0)
+    cached = scored - computed if isinstance(scored, int) and isinstance(computed, int) else "?"
+    evaluated = f" &middot; evaluated {esc(summary['evaluated_at'])}" if summary.get("evaluated_at") else ""
     return (f"<h1>whatislost report</h1>"
             f'<p class="meta">Runs: <code>{esc(summary["runs_dir"])}</code> &middot; eval folder: '
             f"<code>{esc(Path(eval_dir).resolve())}</code><br>Eval settings: {esc(settings)}<br>"
-            f"{scored} model(s) scored ({computed} computed, {scored - computed} from cache) &middot; "
+            f"{esc(scored)} model(s) scored ({esc(computed)} computed, {esc(cached)} from cache){evaluated} &middot; "
             f"whatislost {esc(whatislost.__version__)} &middot; built {datetime.datetime.now():%Y-%m-%d %H:%M}</p>"
             '<nav><a href="#inventory">Runs</a><a href="#tables">Tables</a><a href="#figures">Figures</a>'
             '<a href="#configs">Configurations and recipes</a><a href="../summary.json">summary.json</a></nav>')
@@ -112,10 +123,11 @@ def inventory(summary: dict) -> str:
                          recipe=configs[0].get("recipe", "?") if configs else "?",
                          folder=os.path.dirname(p["runs"][0]) if p["runs"] else ""))
         if p["n_models"] < len(p["runs"]):
-            problems.append(f"{esc(p['population'])} ({group}): {p['n_models']} of {len(p['runs'])} runs scored")
+            problems.append(f"{esc(p['population'])} ({esc(group)}): {esc(p['n_models'])} of {len(p['runs'])} "
+                            "runs scored")
         if p["n_models"] < largest[group]:
-            problems.append(f"{esc(p['population'])} ({group}): {p['n_models']} model(s), fewer than the "
-                            f"{largest[group]} of the group's largest population")
+            problems.append(f"{esc(p['population'])} ({esc(group)}): {esc(p['n_models'])} model(s), fewer than the "
+                            f"{esc(largest[group])} of the group's largest population")
     # the study is a grid (loss/method x sparsity) per group: name its empty cells
     frame = pd.DataFrame(pops)
     for (dataset, model), g in frame.groupby(["dataset", "model"]):
@@ -124,13 +136,14 @@ def inventory(summary: dict) -> str:
         for loss, method in figure_columns(zip(pruned.loss, pruned.method)):
             absent = [s for s in sorted(set(pruned.sparsity)) if (loss, method, s) not in have]
             if absent:
-                problems.append(f"{esc(column_name(loss, method))} ({dataset}-{model}) not run at sparsity "
-                                f"{', '.join(map(str, absent))}%")
+                problems.append(f"{esc(column_name(loss, method))} ({esc(dataset)}-{esc(model)}) not run at sparsity "
+                                f"{esc(', '.join(map(str, absent)))}%")
         for loss in sorted(set(pruned.loss) - set(g[g.method == "dense"].loss)):
-            problems.append(f"no dense {esc(column_name(loss, 'dense'))} population ({dataset}-{model}): no PIEs for it")
+            problems.append(f"no dense {esc(column_name(loss, 'dense'))} population ({esc(dataset)}-{esc(model)}): "
+                            "no PIEs for it")
     gaps = "".join(f"<li>{p}</li>" for p in problems) if problems else '<li class="ok">none</li>'
     table = html_table(pd.DataFrame(rows), text_columns=("group", "population", "seeds", "recipe", "folder"))
-    return (f'<h2 id="inventory">Runs</h2><p>{len(pops)} population(s), {sum(r["models"] for r in rows)} model(s) '
+    return (f'<h2 id="inventory">Runs</h2><p>{len(pops)} population(s), {esc(sum(r["models"] for r in rows))} model(s) '
             f"scored. A population is every finished run with the same dataset, model, loss, pruning method and target "
             f"sparsity.</p>{table}<h3>Missing or failed runs</h3><ul>{gaps}</ul>")
 
@@ -149,7 +162,8 @@ def tables(eval_dir: Path, summary: dict) -> str:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
         for group, block in table.groupby("group", sort=True):
             out.append(f"<h4>{esc(group)}</h4>" + html_table(block.drop(columns="group")))
-        out.append(f'<p><a href="../tables/{name}.csv">{name}.csv</a> &middot; <a href="../tables/{name}.md">{name}.md</a></p>')
+        out.append(f'<p><a href="{url(f"../tables/{name}.csv")}">{esc(name)}.csv</a> &middot; '
+                   f'<a href="{url(f"../tables/{name}.md")}">{esc(name)}.md</a></p>')
     return "".join(out)
 
 
@@ -161,9 +175,9 @@ def figures(records: list, report_dir: Path) -> str:
             if not r["paths"]:
                 out.append(f'<p class="missing"><b>{esc(r["title"])}</b>: not drawn: {esc(r["missing"])}.</p>')
                 continue
-            png, pdf = (Path(os.path.relpath(p, report_dir)).as_posix() for p in r["paths"])
-            out.append(f'<figure id="{esc(r["name"])}-{esc(group)}"><img src="{esc(png)}" alt="{esc(r["title"])}">'
-                       f'<figcaption><b>{esc(r["title"])}.</b> {esc(r["caption"])} <a href="{esc(pdf)}">PDF</a>'
+            png, pdf = (os.path.relpath(p, report_dir) for p in r["paths"])
+            out.append(f'<figure id="{esc(r["name"])}-{esc(group)}"><img src="{url(png)}" alt="{esc(r["title"])}">'
+                       f'<figcaption><b>{esc(r["title"])}.</b> {esc(r["caption"])} <a href="{url(pdf)}">PDF</a>'
                        "</figcaption></figure>")
     return "".join(out)
 
@@ -179,8 +193,12 @@ def configs(summary: dict) -> str:
         texts = []
         for name in ("config.yaml", "recipe.yaml"):
             path = run / name
-            body = esc(path.read_text()) if path.is_file() else f"({name} not found in {esc(run)})"
-            texts.append(f"<h4>{name}</h4><pre>{body}</pre>")
+            try:
+                body = esc(path.read_text(encoding="utf-8", errors="replace")) if path.is_file() else \
+                    f"({esc(name)} not found in {esc(run)})"
+            except OSError as err:
+                body = f"({esc(name)} cannot be read: {esc(err)})"
+            texts.append(f"<h4>{esc(name)}</h4><pre>{body}</pre>")
         out.append(f"<details><summary><b>{esc(p['population'])}</b> ({esc(p['dataset'])}-{esc(p['model'])}): "
                    f"<code>{esc(run)}</code></summary>{''.join(texts)}</details>")
     return "".join(out)
@@ -191,16 +209,24 @@ def build_report(eval_dir, scatter_sparsity=None, gallery_sparsity=None, umap_wh
     """Draw every figure of an eval folder and write EVAL_DIR/report/index.html; return its path."""
     eval_dir = Path(eval_dir)
     summary = read_summary(eval_dir)
+    pops = load_populations(eval_dir)
+    if not writable(eval_dir):
+        raise UserError(f"cannot draw the report into {eval_dir}: the folder is not writable")
+    for asked in (scatter_sparsity, gallery_sparsity):  # a sparsity the eval lacks: refused before anything is drawn
+        if asked is not None:
+            pick_sparsity(pops.sparsity[pops.method != "dense"], asked, max)
     records = draw_figures(eval_dir, scatter_sparsity=scatter_sparsity, gallery_sparsity=gallery_sparsity,
                            umap_which=umap_which)
     report_dir = eval_dir / "report"
+    index = report_dir / "index.html"
+    # figures of an earlier report that were not drawn now are stale: removed (only those whatislost wrote)
+    record_report(eval_dir, [p for r in records for p in r["paths"]], index)
     report_dir.mkdir(exist_ok=True)
     body = header(summary, eval_dir) + inventory(summary) + tables(eval_dir, summary) + figures(records, report_dir) \
         + configs(summary)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>whatislost report: '
             f"{esc(summary['runs_dir'])}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
-    index = report_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write_text(index, page)
     print(f"report: {index}")
     return index
 
@@ -213,6 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--gallery-sparsity", type=int, help="sparsity %% of the PIE gallery (default: lowest)")
     p.add_argument("--umap", default="first", choices=["first", "mean"],
                    help="UMAP of each population's first model or of its mean representation")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     args = p.parse_args(argv)
     build_report(args.eval_dir, args.scatter_sparsity, args.gallery_sparsity, args.umap)
     return 0

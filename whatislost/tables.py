@@ -12,20 +12,19 @@ from pathlib import Path
 
 import pandas as pd
 
-LOSS_NAMES = {"ce": "Sup", "supcon": "SCL"}
-METHOD_NAMES = {"dense": "Dense", "gmp": "GMP", "delta_gmp": "ΔGMP", "oneshot": "One-Shot"}
+from .identity import column_name
+
 # the paper's column order; other (loss, method) pairs follow alphabetically
 PAPER_ORDER = [("ce", "gmp"), ("ce", "oneshot"), ("supcon", "delta_gmp"), ("supcon", "gmp"), ("supcon", "oneshot")]
 
 
 def cell(mean, std, decimals=2) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    """'mean±std'; '' for a value that was not computed, 'nan' for one that was and is not a number."""
+    if mean is None:
         return ""
+    if isinstance(mean, float) and math.isnan(mean):
+        return "nan"
     return f"{mean:.{decimals}f}±{std:.{decimals}f}"
-
-
-def column_name(loss: str, method: str) -> str:
-    return f"{LOSS_NAMES.get(loss, loss)}/{METHOD_NAMES.get(method, method)}"
 
 
 def in_order(pairs, order) -> list:
@@ -56,7 +55,7 @@ def build_table(pops: pd.DataFrame, columns: list, fields: list) -> pd.DataFrame
     sparsities = sorted({0, *pops.sparsity[pops.method != "dense"].tolist()})
     records = []
     for s in sparsities:
-        rec = {"sparsity %": s}
+        rec = {"sparsity %": f"{s:g}"}
         for loss, method in columns:
             row = lookup(pops, loss, method, s)
             for title, name, kind in fields:

@@ -2,23 +2,32 @@
 
     ce       encoder + classifier with cross-entropy, recipe applied throughout (Sup).
     supcon   stage 1: encoder + projection head with the SupCon loss, recipe applied (SCL);
-             stage 2: linear classifier on the frozen encoder's features with cross-entropy.
+             stage 2: linear classifier on the frozen encoder with cross-entropy, either on
+             features computed once or on augmented images every epoch (the authors'), and
+             optionally pruned by its own recipe (`linear_recipe`; the authors prune it by GMP).
     --init   One-Shot: start from a finished dense run, fine-tune encoder + classifier with
              cross-entropy under the recipe (which cuts to the target at the first step).
 
-The recipe is applied exactly as SparseML intends: `manager.modify(module, optimizer,
-steps_per_epoch=len(loader))` before the loop, `manager.finalize(module)` after it.
+Each stage is a `Stage` run by `run_stage`: SGD, the stage's learning-rate schedule, and the
+recipe applied exactly as SparseML intends (`manager.modify(module, optimizer,
+steps_per_epoch=len(loader))` before the loop, `manager.finalize(module)` after it). Every
+`save_every` epochs the whole state (model, optimiser, schedule, SparseML masks and schedule
+position, RNG, data order, logs) is saved; running the same command again continues from it.
+A non-finite loss or weight stops the run at the next epoch end; a run is only marked done
+(done.json with the checkpoint's hash) when its weights are finite and its measured
+sparsity is on target.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import logging
-import math
-import re
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,123 +35,248 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml loads)
-
-from .config import TrainConfig, UserError, first_line, load_config, parse_overrides, resolve_recipe, run_cli, save_config, validate
+from .cli import UserError, first_line, run_cli
+from .config import TrainConfig, config_text, load_config, parse_overrides, validate
 from .data import BatchLoader, ImageData, load_data, make_augment
+from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
 from .models import WideResNet
-from .rundir import is_finished, load_checkpoint, prepare_run_dir, save_checkpoint, write_done
+from .pruning import (PRUNABLE, load_manager, named_tensors, pruning_patterns, recipe_from_dense, resolve_recipe,
+                      sets_learning_rate, sparseml_loggers, sparsity_report)
+from .rundir import (STATE, RunClaim, atomic_torch_save, atomic_write_text, clear_own_files, is_finished,
+                     load_checkpoint, save_checkpoint, write_done)
 
 log = logging.getLogger("whatislost")
-
-# what a dense recipe is measured over: the tensors every pruning recipe here prunes
-PRUNABLE = ["re:^(encoder\\..*conv.*|classifier)\\.weight$"]
-
-
-# ---------------------------------------------------------------- recipes and sparsity
-def load_manager(cfg: TrainConfig, num_epochs: int):
-    """The recipe as a ScheduledModifierManager with its variables set; UserError if SparseML rejects it."""
-    from sparseml.pytorch.optim import ScheduledModifierManager
-
-    path = resolve_recipe(cfg.recipe)
-    declared = set(re.findall(r"^(\w+)\s*:", path.read_text(), flags=re.M)) - {"modifiers", "version"}
-    variables = {"num_epochs": num_epochs, "target_sparsity": cfg.sparsity, **cfg.recipe_vars}
-    unknown = sorted(set(cfg.recipe_vars) - declared)
-    if unknown:
-        raise UserError(f"recipe {path.name} has no variable {unknown[0]!r} (it declares: {', '.join(sorted(declared))})")
-    try:
-        manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables={k: v for k, v in variables.items() if k in declared})
-    except Exception as err:  # SparseML raises assorted types for bad recipes
-        raise UserError(f"SparseML rejected recipe {path}: {first_line(err)}") from None
-    if pruning_patterns(manager) and "target_sparsity" not in declared:
-        raise UserError(f"recipe {path.name} prunes but declares no target_sparsity variable")
-    if not pruning_patterns(manager) and cfg.sparsity > 0:
-        raise UserError(f"recipe {path.name} does not prune, but target sparsity {cfg.sparsity} was asked for")
-    return manager
-
-
-def pruning_patterns(manager) -> list:
-    """Parameter names / regexes of every pruning modifier in the recipe."""
-    from sparseml.pytorch.sparsification.pruning.modifier_pruning_base import BasePruningModifier
-
-    patterns = []
-    for mod in manager.modifiers:
-        if isinstance(mod, BasePruningModifier):
-            patterns += list(mod.params)
-    return patterns
-
-
-def named_tensors(module: nn.Module, patterns: list) -> dict:
-    """{full name: parameter} of `module` matched by SparseML's own name/regex rules."""
-    from sparseml.pytorch.utils import get_named_layers_and_params_by_regex
-
-    found = get_named_layers_and_params_by_regex(module, patterns)
-    return {f"{f.layer_name}.{f.param_name}": f.param for f in found}
-
-
-def sparsity_report(tensors: dict) -> tuple[float, dict]:
-    """(overall fraction of exact zeros, {name: fraction}) over the given tensors."""
-    layers = {name: float((p == 0).float().mean()) for name, p in tensors.items()}
-    zeros = sum(int((p == 0).sum()) for p in tensors.values())
-    total = sum(p.numel() for p in tensors.values())
-    return (zeros / total if total else 0.0), layers
-
-
-def sparseml_loggers(run_dir: Path):
-    """Route SparseML's modifier logs into RUN_DIR/sparse_logs/ instead of ./sparse_logs/."""
-    from sparseml.pytorch.utils import LoggerManager, PythonLogger
-
-    (run_dir / "sparse_logs").mkdir(exist_ok=True)
-    logger = logging.getLogger(f"whatislost.sparseml.{run_dir.resolve()}")
-    logger.handlers.clear()
-    logger.addHandler(logging.FileHandler(run_dir / "sparse_logs" / "sparseml.log"))
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    return LoggerManager([PythonLogger(logger=logger)])
 
 
 # ---------------------------------------------------------------- logging to the run dir
 class EpochLog:
-    """Appends one CSV row per epoch to metrics.csv and layer_sparsity.csv, flushed at once."""
+    """One CSV row per epoch in metrics.csv and layer_sparsity.csv, flushed at once; the rows are kept
+    so that a resumed run rewrites exactly the epochs it keeps."""
 
     FIELDS = ["stage", "epoch", "loss", "train_acc", "test_acc", "sparsity", "lr", "seconds"]
 
-    def __init__(self, run_dir: Path, tensors: dict):
+    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None):
         self.tensors = tensors
-        self.metrics = open(run_dir / "metrics.csv", "w", newline="")
-        self.layers = open(run_dir / "layer_sparsity.csv", "w", newline="")
-        csv.writer(self.metrics).writerow(self.FIELDS)
-        csv.writer(self.layers).writerow(["stage", "epoch", *tensors])
+        self.rows = rows or {"metrics": [], "layers": []}
+        self.files = {"metrics": open(run_dir / "metrics.csv", "w", newline=""),
+                      "layers": open(run_dir / "layer_sparsity.csv", "w", newline="")}
+        csv.writer(self.files["metrics"]).writerows([self.FIELDS, *self.rows["metrics"]])
+        csv.writer(self.files["layers"]).writerows([["stage", "epoch", *tensors], *self.rows["layers"]])
+        self.flush()
 
     def write(self, stage, epoch, loss, train_acc, test_acc, lr, seconds):
         overall, layers = sparsity_report(self.tensors)
         row = [stage, epoch, f"{loss:.5f}", _fmt(train_acc), _fmt(test_acc), f"{overall:.5f}", f"{lr:.6g}", f"{seconds:.2f}"]
-        csv.writer(self.metrics).writerow(row)
-        csv.writer(self.layers).writerow([stage, epoch, *(f"{v:.5f}" for v in layers.values())])
-        self.metrics.flush()
-        self.layers.flush()
+        layer_row = [stage, epoch, *(f"{v:.5f}" for v in layers.values())]
+        for name, r in (("metrics", row), ("layers", layer_row)):
+            self.rows[name].append(r)
+            csv.writer(self.files[name]).writerow(r)
+        self.flush()
         log.info("%s epoch %d: loss %.4f train_acc %s test_acc %s sparsity %.4f lr %.4g (%.1fs)",
                  stage, epoch, loss, _fmt(train_acc), _fmt(test_acc), overall, lr, seconds)
 
+    def flush(self):
+        for f in self.files.values():
+            f.flush()
+
     def close(self):
-        self.metrics.close()
-        self.layers.close()
+        for f in self.files.values():
+            f.close()
 
 
 def _fmt(x):
     return "" if x is None else f"{x:.4f}"
 
 
+# ---------------------------------------------------------------- learning-rate schedules
+class LRSchedule:
+    """A stage's learning-rate schedule from torch's schedulers, advanced per step or per epoch.
+
+    cosine: CosineAnnealingLR down to lr_min; multistep: MultiStepLR(milestones in epochs, gamma);
+    multistep+cosine: both, chained (the authors' linear classifier); constant: none. When the
+    recipe schedules the learning rate itself, the built-in schedule steps aside (kind 'recipe').
+    """
+
+    def __init__(self, optimizer, kind: str, epochs: int, steps_per_epoch: int, per: str = "step",
+                 milestones=(), gamma: float = 0.1, lr_min: float = 0.0):
+        self.per = per
+        unit = steps_per_epoch if per == "step" else 1
+        self.schedulers = []
+        if "multistep" in kind:
+            self.schedulers.append(torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * unit for m in milestones], gamma))
+        if "cosine" in kind:
+            self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * unit, 1), lr_min))
+
+    def after_step(self):
+        if self.per == "step":
+            for s in self.schedulers:
+                s.step()
+
+    def after_epoch(self):
+        if self.per == "epoch":
+            for s in self.schedulers:
+                s.step()
+
+    def state_dict(self):
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_state_dict(self, states):
+        for s, state in zip(self.schedulers, states):
+            s.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- resumable SparseML state
+_SKIP_ATTRS = {"_initialized", "_loggers_initialized", "_enabled"}
+
+
+def manager_state(manager) -> dict:
+    """SparseML's own state (the masks) plus each modifier's schedule position (started, last update,
+    applied sparsity, ...), which SparseML does not save, so that a resumed run updates its masks at
+    exactly the steps an uninterrupted run would."""
+    positions = []
+    for mod in manager.modifiers:
+        scalars = {k: v for k, v in vars(mod).items() if k.startswith("_") and k not in _SKIP_ATTRS
+                   and (v is None or isinstance(v, (bool, int, float)))}
+        masks = getattr(mod, "_module_masks", None)
+        if masks is not None:
+            scalars["__masks_enabled"] = bool(masks.enabled)
+        positions.append(scalars)
+    return {"masks": manager.state_dict(), "positions": positions}
+
+
+def load_manager_state(manager, state: dict):
+    manager.load_state_dict(state["masks"])
+    for mod, scalars in zip(manager.modifiers, state["positions"]):
+        for k, v in scalars.items():
+            if k == "__masks_enabled":
+                mod._module_masks.enabled = v
+            else:
+                setattr(mod, k, v)
+
+
 # ---------------------------------------------------------------- the loop
-def cosine_or_constant(optimizer, schedule: str, total_steps: int):
-    if schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+@dataclass
+class Stage:
+    """One training stage. step_loss(views, y) -> (loss, n_correct or None); evaluate() -> test accuracy."""
+
+    name: str  # ce | supcon | linear | finetune
+    module: nn.Module  # what SparseML's recipe sees
+    params: list
+    loader: object  # BatchLoader-like: len() = optimizer steps per epoch, iter -> (views, y), .generator
+    step_loss: Callable
+    epochs: int
+    lr: float
+    nesterov: bool
+    weight_decay: float
+    schedule: dict  # LRSchedule keyword arguments: kind, per, milestones, gamma, lr_min
+    manager: object = None
+    evaluate: Callable | None = None
+    train_mode: Callable | None = None  # called at every epoch start (e.g. keep a frozen encoder in eval mode)
+    logs_train_acc: bool = True
+
+
+class Checkpointer:
+    """Writes RUN_DIR/state.pt every `every` epochs (atomically) and holds what a resume restores."""
+
+    def __init__(self, run_dir: Path, every: int, key: str, model: nn.Module, epoch_log: EpochLog, resume: dict | None):
+        self.path, self.every, self.key, self.model, self.epoch_log = run_dir / STATE, every, key, model, epoch_log
+        self.resume = resume
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return self.every > 0 and (epoch + 1) % self.every == 0 and epoch + 1 < epochs
+
+    def save(self, stage_index: int, epoch: int, stage: Stage, optimizer, schedule: LRSchedule):
+        state = dict(key=self.key, stage=stage_index, epoch=epoch + 1, model=self.model.state_dict(),
+                     optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                     manager=manager_state(stage.manager) if stage.manager is not None else None,
+                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     loader_rng=stage.loader.generator.get_state(), rows=self.epoch_log.rows)
+        atomic_torch_save(state, self.path)
+
+    def restore(self, stage_index: int, stage: Stage, optimizer, schedule: LRSchedule) -> tuple[int, dict | None]:
+        """(first epoch to run, SparseML state to load once the recipe is applied) of this stage:
+        (0, None) unless the saved state is inside it."""
+        r = self.resume
+        if r is None or r["stage"] != stage_index:
+            return 0, None
+        optimizer.load_state_dict(r["optimizer"])
+        schedule.load_state_dict(r["schedule"])
+        torch.set_rng_state(r["rng"])
+        if r["cuda_rng"]:
+            torch.cuda.set_rng_state_all(r["cuda_rng"])
+        stage.loader.generator.set_state(r["loader_rng"])
+        self.resume = None
+        return r["epoch"], r["manager"]
+
+
+def all_finite(tensors) -> bool:
+    """One host sync for many tensors: are all their values finite?"""
+    checks = [t.detach().isfinite().all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path, index: int = 0,
+              checkpointer: Checkpointer | None = None):
+    """Train one stage: SGD + its schedule, wrapped by its SparseML recipe when it has one.
+
+    No host synchronisation inside an epoch: loss sums, correct counts and the non-finite flag
+    stay on the device and are read once at the epoch's end, where the epoch is logged.
+    """
+    optimizer = torch.optim.SGD(stage.params, lr=stage.lr, momentum=cfg.momentum, nesterov=stage.nesterov,
+                                weight_decay=stage.weight_decay)
+    recipe_lr = stage.manager is not None and sets_learning_rate(stage.manager)
+    schedule = LRSchedule(optimizer, "constant" if recipe_lr else stage.schedule["kind"], stage.epochs,
+                          len(stage.loader), **{k: v for k, v in stage.schedule.items() if k != "kind"})
+    start, saved_masks = checkpointer.restore(index, stage, optimizer, schedule) if checkpointer else (0, None)
+    stepper = optimizer
+    if stage.manager is not None:
+        stepper = stage.manager.modify(stage.module, optimizer, steps_per_epoch=len(stage.loader),
+                                       loggers=sparseml_loggers(run_dir), epoch=float(start))
+        if saved_masks is not None:
+            load_manager_state(stage.manager, saved_masks)
+    show_bar = sys.stderr.isatty()
+    for epoch in range(start, stage.epochs):
+        (stage.train_mode or stage.module.train)()
+        t0 = time.perf_counter()
+        total_loss = correct = nonfinite = None
+        seen, lr_applied = 0, optimizer.param_groups[0]["lr"]
+        batches = tqdm(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not show_bar)
+        for views, y in batches:
+            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, n_correct = stage.step_loss(views, y)
+            stepper.zero_grad(set_to_none=True)
+            loss.backward()
+            stepper.step()
+            lr_applied = optimizer.param_groups[0]["lr"]  # as applied by this step (a recipe may set it)
+            schedule.after_step()
+            loss = loss.detach().float()
+            bad = ~torch.isfinite(loss)
+            total_loss = loss * len(y) if total_loss is None else total_loss + loss * len(y)
+            nonfinite = bad if nonfinite is None else nonfinite | bad
+            if n_correct is not None:
+                correct = n_correct if correct is None else correct + n_correct
+            seen += len(y)
+        schedule.after_epoch()
+        seconds = time.perf_counter() - t0
+        steps = len(stage.loader)
+        if (nonfinite is not None and bool(nonfinite)) or not all_finite(p for p in stage.module.parameters()):
+            raise UserError(f"run {cfg.out}: the loss or the weights became non-finite in {stage.name} epoch {epoch + 1} "
+                            f"(steps {epoch * steps + 1}-{(epoch + 1) * steps}); lower the learning rate (lr "
+                            f"{stage.lr:g}) or check the data")
+        test_acc = None
+        if stage.evaluate is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stage.epochs):
+            test_acc = stage.evaluate()
+        train_acc = float(correct) / seen if stage.logs_train_acc and correct is not None else None
+        epoch_log.write(stage.name, epoch + 1, float(total_loss) / max(seen, 1), train_acc, test_acc, lr_applied, seconds)
+        if checkpointer is not None and checkpointer.due(epoch, stage.epochs):
+            checkpointer.save(index, epoch, stage, optimizer, schedule)
+    if stage.manager is not None:
+        stage.manager.finalize(stage.module)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: BatchLoader, bf16: bool = False) -> float:
+def accuracy(model: nn.Module, loader, bf16: bool = False) -> float:
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -154,77 +288,21 @@ def accuracy(model: nn.Module, loader: BatchLoader, bf16: bool = False) -> float
     return correct / max(total, 1)
 
 
-def run_stage(stage: str, cfg: TrainConfig, *, module: nn.Module, params, loader: BatchLoader, step_loss,
-              epochs: int, lr: float, nesterov: bool, epoch_log: EpochLog, manager=None, run_dir=None,
-              evaluate=None):
-    """One training stage: SGD + cosine schedule, optionally wrapped by a SparseML recipe manager.
+class FeatureLoader:
+    """Batches of precomputed features (N, D) and labels (N,), shuffled by its own generator."""
 
-    step_loss(views, y) -> (loss, n_correct or None). evaluate() -> test accuracy or None.
-    """
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay)
-    scheduler = cosine_or_constant(optimizer, cfg.lr_schedule, epochs * len(loader))
-    stepper = optimizer
-    if manager is not None:
-        stepper = manager.modify(module, optimizer, steps_per_epoch=len(loader), loggers=sparseml_loggers(run_dir))
-    module.train()
-    show_bar = sys.stderr.isatty()
-    for epoch in range(epochs):
-        # running sums stay on the device: a float() per step would sync the GPU every step
-        t0, total_loss, correct, seen = time.perf_counter(), torch.zeros(()), torch.zeros(()), 0
-        batches = tqdm(loader, desc=f"{stage} {epoch + 1}/{epochs}", leave=False, disable=not show_bar)
-        for views, y in batches:
-            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, n_correct = step_loss(views, y)
-            stepper.zero_grad(set_to_none=True)
-            loss.backward()
-            stepper.step()
-            scheduler.step()
-            total_loss = total_loss.to(loss.device) + loss.detach().float() * len(y)
-            correct = correct.to(y.device) + (n_correct if n_correct is not None else 0)
-            seen += len(y)
-        seconds = time.perf_counter() - t0
-        test_acc = None
-        if evaluate is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs):
-            test_acc = evaluate()
-        train_acc = float(correct) / seen if stage != "supcon" else None
-        epoch_log.write(stage, epoch + 1, float(total_loss) / seen, train_acc, test_acc, optimizer.param_groups[0]["lr"], seconds)
-    if manager is not None:
-        manager.finalize(module)
+    def __init__(self, h: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.h, self.y, self.batch_size = h, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
 
+    def __len__(self):
+        return max(len(self.h) // self.batch_size, 1)
 
-def train_linear_probe(cfg: TrainConfig, model: WideResNet, train_loader, test_loader, epoch_log: EpochLog):
-    """SCL stage 2: the classifier on frozen, un-augmented encoder features (computed once)."""
-
-    @torch.no_grad()
-    def features(loader):
-        model.encoder.eval()
-        hs, ys = zip(*[(model.encoder(x).float(), y) for (x,), y in loader])
-        return torch.cat(hs), torch.cat(ys)
-
-    h_train, y_train = features(train_loader)
-    h_test, y_test = features(test_loader)
-    n, bs = len(h_train), cfg.linear_batch_size
-    steps = max(n // bs, 1)
-    optimizer = torch.optim.SGD(model.classifier.parameters(), lr=cfg.linear_lr, momentum=cfg.momentum, weight_decay=0.0)
-    scheduler = cosine_or_constant(optimizer, cfg.lr_schedule, cfg.linear_epochs * steps)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    for epoch in range(cfg.linear_epochs):
-        t0, total_loss, correct = time.perf_counter(), 0.0, 0
-        order = torch.randperm(n, generator=generator).to(h_train.device)
-        for b in range(steps):
-            idx = order[b * bs:(b + 1) * bs] if b < steps - 1 else order[b * bs:]
-            logits = model.classifier(h_train[idx])
-            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y_train[idx]).sum())
-        with torch.no_grad():
-            test_acc = float((model.classifier(h_test).argmax(1) == y_test).float().mean())
-        epoch_log.write("linear", epoch + 1, total_loss / n, correct / n, test_acc,
-                        optimizer.param_groups[0]["lr"], time.perf_counter() - t0)
+    def __iter__(self):
+        order = torch.randperm(len(self.h), generator=self.generator).to(self.h.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size] if b < len(self) - 1 else order[b * self.batch_size:]
+            yield [self.h[idx]], self.y[idx]
 
 
 # ---------------------------------------------------------------- one run, end to end
@@ -238,25 +316,33 @@ def resolve_device(name: str) -> torch.device:
 
 def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     """The checkpoint One-Shot starts from; UserError unless it is a finished dense run that fits."""
-    if not Path(cfg.init).is_dir() or not is_finished(cfg.init):
-        raise UserError(f"--init {cfg.init} is not a finished run directory (no done.json)")
+    if not Path(cfg.init).is_dir() or not is_finished(cfg.init, verify=True):
+        raise UserError(f"--init {cfg.init} is not a finished run directory (no valid done.json and model.pt)")
     ckpt = load_checkpoint(cfg.init)
-    if ckpt.get("method") != "dense" or ckpt.get("sparsity", 0) > 0:
+    # dense = its recipe pruned nothing and it did not itself start from a trained model
+    prunes = ckpt.get("prunes", ckpt.get("method") != "dense")
+    if prunes or ckpt.get("sparsity", 0) > 0 or ckpt.get("init"):
         raise UserError(f"--init {cfg.init} is not a dense run (method {ckpt.get('method')}, sparsity {ckpt.get('sparsity')})")
     if ckpt.get("loss") != cfg.loss:
         raise UserError(f"--init {cfg.init} was trained with loss '{ckpt.get('loss')}', but loss is '{cfg.loss}'")
     want = dict(depth=cfg.depth, widen=cfg.widen, in_channels=data.in_channels, num_classes=data.num_classes)
     if ckpt["arch"] != want or ckpt.get("dataset") != data.name:
         raise UserError(f"--init {cfg.init} is a {ckpt.get('dataset')} {ckpt['arch']} model, not {data.name} {want}")
+    if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
+        raise UserError(f"--init {cfg.init} was trained on other data than {cfg.data_root or cfg.dataset} holds now")
     return ckpt
 
 
 def setup_logging(run_dir: Path | None = None):
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+    consoles = [h for h in log.handlers if type(h) is logging.StreamHandler]
+    if not consoles:
         stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(stream)
+    for h in consoles:
+        if getattr(h.stream, "closed", False):
+            h.stream = sys.stderr  # the stderr it was made with is gone (a closed capture, a finished redirect)
     for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
         log.removeHandler(h)
         h.close()
@@ -266,51 +352,119 @@ def setup_logging(run_dir: Path | None = None):
         log.addHandler(file)
 
 
+@dataclass
+class Plan:
+    """Everything a run needs, checked before its folder is touched."""
+
+    cfg: TrainConfig
+    data: ImageData
+    device: torch.device
+    manager: object
+    linear_manager: object = None
+    init_ckpt: dict | None = None
+    identity: dict = field(default_factory=dict)
+    key: str = ""
+
+
+def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
+    """Validate a run completely (settings, recipes, data, --init) without writing anything."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if recipe_from_dense(cfg.recipe) and not cfg.init:
+        raise UserError(f"recipe {cfg.recipe} prunes a trained model (it declares from_dense): pass --init DENSE_RUN_DIR")
+    manager = load_manager(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars)
+    linear_manager = None
+    if cfg.loss == "supcon" and not cfg.init and cfg.linear_recipe and cfg.sparsity > 0 and cfg.linear_epochs:
+        linear_manager = load_manager(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars)
+    data = data or load_data(cfg.dataset, cfg.data_root)
+    init_ckpt = check_init(cfg, data) if cfg.init else None
+    identity = run_identity(cfg.to_dict(), str(manager), data.fingerprint, str(linear_manager or ""),
+                            init_ckpt.get("population", "") if init_ckpt else "")
+    return Plan(cfg, data, device, manager, linear_manager, init_ckpt, identity,
+                run_hash(identity, cfg.seed, cfg.method_name))
+
+
+def read_resume(work_dir: Path, key: str) -> dict | None:
+    """The saved state of an unfinished run with the same identity, or None (then it starts over)."""
+    try:
+        state = torch.load(work_dir / STATE, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated, or from another version
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
 def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = False) -> Path:
     """Train, prune, verify and save one run; returns its run directory (done.json written last).
 
-    Everything a user can get wrong is checked before the run directory is created.
+    Everything a user can get wrong is checked before the run directory is touched. An
+    unfinished run of the same identity in the run directory is continued from its state.pt.
     """
     setup_logging()
-    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    validate(cfg)
-    if Path(cfg.recipe).stem == "oneshot" and not cfg.init:
-        raise UserError("the One-Shot recipe prunes a trained model: pass --init DENSE_RUN_DIR")
-    pruned_stage_epochs = cfg.finetune_epochs if cfg.init else cfg.epochs
-    manager = load_manager(cfg, pruned_stage_epochs)
-    data = data or load_data(cfg.dataset, cfg.data_root)
-    init_ckpt = check_init(cfg, data) if cfg.init else None
+    plan = plan_run(cfg, data)
     run_dir = Path(cfg.out or Path("runs") / cfg.run_name())
     cfg.out = str(run_dir)
+    try:
+        return _train_into(plan, run_dir, overwrite)
+    except OSError as err:  # a read-only folder, a full disk: the user's to fix, not a bug
+        raise UserError(f"run {run_dir}: cannot write: {first_line(err)}") from None
 
-    prepare_run_dir(run_dir, overwrite=overwrite)
-    setup_logging(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "recipe.yaml").write_text(f"# {resolve_recipe(cfg.recipe)} as applied\n{manager}")
-    log.info("run %s: %s/%s/%s target sparsity %.2f on %s, %s", run_dir, cfg.dataset, cfg.loss, cfg.method_name,
-             cfg.sparsity, device, cfg.model_name)
 
+def _train_into(plan: Plan, run_dir: Path, overwrite: bool) -> Path:
+    cfg = plan.cfg
+    with RunClaim(run_dir, overwrite) as claim:
+        work = claim.work_dir
+        resume = read_resume(work, plan.key) if claim.state == "unfinished" else None
+        if claim.state == "unfinished" and resume is None:
+            clear_own_files(work)
+        setup_logging(work)
+        try:
+            atomic_write_text(work / "config.yaml", config_text(cfg))
+            recipes = f"# {resolve_recipe(cfg.recipe)} as applied\n{plan.manager}"
+            if plan.linear_manager is not None:
+                recipes += f"\n# linear stage: {resolve_recipe(cfg.linear_recipe)} as applied\n{plan.linear_manager}"
+            atomic_write_text(work / "recipe.yaml", recipes)
+            if resume is not None:
+                log.info("resuming %s from stage %d epoch %d", run_dir, resume["stage"], resume["epoch"])
+            info = execute(plan, work, resume)
+            claim.commit()
+        finally:
+            setup_logging()
+    log.info("done %s: test accuracy %.4f, sparsity %.4f (target %.2f)", run_dir, info["test_acc"], info["sparsity"],
+             cfg.sparsity)
+    return run_dir
+
+
+def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
+    """Build the model and stages, run them, verify, and write model.pt and done.json into `work`."""
+    cfg, data, device = plan.cfg, plan.data, plan.device
+    log.info("run %s: %s/%s/%s target sparsity %s%% on %s, %s", cfg.out, cfg.dataset, cfg.loss, cfg.method_name,
+             sparsity_label(cfg.sparsity), device, cfg.model_name)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     supcon_stage = cfg.loss == "supcon" and not cfg.init
     model = WideResNet(cfg.depth, cfg.widen, data.in_channels, data.num_classes, projection_head=supcon_stage)
-    if init_ckpt is not None:
-        model.load_state_dict(init_ckpt["state_dict"])
+    if plan.init_ckpt is not None:
+        model.load_state_dict(plan.init_ckpt["state_dict"])
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
 
-    def loader(split, augment, batch_size, n_views=1, shuffle=True):
+    def loader(split, augment, batch_size, n_views=1, shuffle=True, vflip=False):
         x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
-        aug = make_augment(augment, data.image_size, data.in_channels, cfg.crop_padding, cfg.hflip)
+        aug = make_augment(augment, data.image_size, data.in_channels, cfg.crop_padding, cfg.hflip, vflip)
         return BatchLoader(x, y, data.mean, data.std, batch_size, device, shuffle=shuffle, drop_last=shuffle,
                            augment=aug, n_views=n_views, channels_last=cfg.channels_last, seed=cfg.seed)
 
     test_loader = loader("test", "none", 512, shuffle=False)
 
-    def evaluate():
-        return accuracy(model, test_loader, cfg.bf16)
+    def compiled(fn):
+        if not cfg.compile:
+            return fn
+        # the forward/backward is compiled; SparseML's mask updates and mask application stay eager
+        return torch.compile(fn, backend=os.environ.get("WHATISLOST_COMPILE_BACKEND", "inductor"))
 
     def ce_step(views, y):
         logits = model(views[0])
@@ -318,52 +472,129 @@ def train(cfg: TrainConfig, data: ImageData | None = None, overwrite: bool = Fal
 
     def supcon_step(views, y):
         z = model.head(model.encoder(torch.cat(views)))  # (V*B, D), view-major
-        return supcon_loss(z.view(len(views), len(y), -1).transpose(0, 1), y, cfg.temperature), None
+        return supcon_loss(z.view(len(views), len(y), -1).transpose(0, 1), y, cfg.temperature, cfg.base_temperature), None
 
-    # the module SparseML sees: for SCL stage 1 the encoder and head only (the classifier is trained after)
-    pruned_module = nn.ModuleDict({"encoder": model.encoder, "head": model.head}) if supcon_stage else model
-    patterns = pruning_patterns(manager)
-    pruned = named_tensors(pruned_module, patterns or PRUNABLE)
-    epoch_log = EpochLog(run_dir, pruned)
+    # every tensor any stage prunes, named as in the whole model, for logging and the final check; in SCL
+    # stage 1 the classifier is not there to be pruned (only the linear stage's recipe can prune it)
+    stage1 = nn.ModuleDict({"encoder": model.encoder, "head": model.head}) if supcon_stage else model
+    patterns = pruning_patterns(plan.manager)
+    pruned = named_tensors(stage1, patterns or PRUNABLE)
+    if plan.linear_manager is not None:
+        patterns = patterns + pruning_patterns(plan.linear_manager)
+        pruned.update(named_tensors(nn.ModuleDict({"classifier": model.classifier}), pruning_patterns(plan.linear_manager)))
+    sup_batches = lambda batch_size: loader("train", "sup", batch_size, vflip=cfg.vflip)  # noqa: E731
+    schedule = dict(kind=cfg.lr_schedule, per=cfg.lr_step, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma,
+                    lr_min=cfg.lr_min)
+    evaluate = lambda: accuracy(model, test_loader, cfg.bf16)  # noqa: E731
+    # stages are built when they start: the linear stage needs the encoder its predecessor trained
+    stages = []
+    if plan.init_ckpt is not None:  # One-Shot fine-tune: the whole network with cross-entropy
+        wd = cfg.weight_decay if cfg.finetune_weight_decay is None else cfg.finetune_weight_decay
+        stages.append(lambda: Stage("finetune", model, list(model.parameters()),
+                                    sup_batches(cfg.finetune_batch_size or cfg.batch_size), compiled(ce_step),
+                                    cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_nesterov, wd,
+                                    {**schedule, "kind": cfg.finetune_lr_schedule}, plan.manager, evaluate))
+    elif cfg.loss == "ce":
+        stages.append(lambda: Stage("ce", model, list(model.parameters()), sup_batches(cfg.batch_size), compiled(ce_step),
+                                    cfg.epochs, cfg.lr, cfg.nesterov, cfg.weight_decay, schedule, plan.manager, evaluate))
+    else:
+        # the module SparseML sees in stage 1: encoder and head (the classifier is trained after)
+        stages.append(lambda: Stage("supcon", stage1, list(stage1.parameters()),
+                                    loader("train", "scl", cfg.batch_size, n_views=2), compiled(supcon_step), cfg.epochs,
+                                    cfg.lr, cfg.nesterov, cfg.weight_decay, schedule, plan.manager,
+                                    logs_train_acc=False))
+        if cfg.linear_epochs:
+            stages.append(lambda: linear_stage(cfg, model, plan.linear_manager, sup_batches, loader, test_loader,
+                                               compiled))
+
+    epoch_log = EpochLog(work, pruned, resume["rows"] if resume else None)
+    checkpointer = Checkpointer(work, cfg.save_every, plan.key, model, epoch_log, resume)
     try:
-        common = dict(module=pruned_module, epoch_log=epoch_log, manager=manager, run_dir=run_dir)
-        if init_ckpt is not None:  # One-Shot fine-tune: encoder + classifier with cross-entropy
-            run_stage("finetune", cfg, params=model.parameters(), loader=loader("train", "sup", cfg.batch_size),
-                      step_loss=ce_step, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                      nesterov=cfg.finetune_nesterov, evaluate=evaluate, **common)
-        elif cfg.loss == "ce":
-            run_stage("ce", cfg, params=model.parameters(), loader=loader("train", "sup", cfg.batch_size),
-                      step_loss=ce_step, epochs=cfg.epochs, lr=cfg.lr, nesterov=cfg.nesterov, evaluate=evaluate, **common)
-        else:
-            run_stage("supcon", cfg, params=pruned_module.parameters(), step_loss=supcon_step,
-                      loader=loader("train", "scl", cfg.batch_size, n_views=2), epochs=cfg.epochs, lr=cfg.lr,
-                      nesterov=cfg.nesterov, **common)
-            train_linear_probe(cfg, model, loader("train", "none", 512, shuffle=False), test_loader, epoch_log)
+        for index, build_stage in enumerate(stages):
+            if resume is not None and index < resume["stage"]:
+                continue  # finished before the state was saved; its result is in the restored weights
+            run_stage(build_stage(), cfg, epoch_log, work, index, checkpointer)
     finally:
         epoch_log.close()
 
+    model.head = None
+    if not all_finite(model.state_dict().values()):
+        raise UserError(f"run {cfg.out}: the trained weights are not finite; lower the learning rate")
     sparsity, layer_sparsity = sparsity_report(pruned)
     if patterns and abs(sparsity - cfg.sparsity) > cfg.sparsity_tolerance:
-        raise UserError(f"run {run_dir} reached sparsity {sparsity:.4f}, not the target {cfg.sparsity:.4f} "
+        raise UserError(f"run {cfg.out} reached sparsity {sparsity:.4f}, not the target {cfg.sparsity:.4f} "
                         f"(more than {cfg.sparsity_tolerance * 100:.1f} points off): check the recipe's schedule")
-    test_acc = evaluate()
-    model.head = None
-    meta = dict(config=cfg.to_dict(), config_hash=cfg.hash(), recipe=str(manager), method=cfg.method_name, loss=cfg.loss,
-                dataset=data.name, classes=list(data.classes), target_sparsity=cfg.sparsity, sparsity=sparsity,
-                layer_sparsity=layer_sparsity, test_acc=test_acc, seed=cfg.seed, init=cfg.init)
-    save_checkpoint(run_dir, model, **meta)
-    write_done(run_dir, dict(config_hash=cfg.hash(), test_acc=test_acc, sparsity=sparsity))
-    log.info("done %s: test accuracy %.4f, sparsity %.4f (target %.2f)", run_dir, test_acc, sparsity, cfg.sparsity)
-    setup_logging()
-    return run_dir
+    test_acc = accuracy(model, test_loader, cfg.bf16)
+    population = population_id(plan.identity)
+    meta = dict(config=cfg.to_dict(), config_hash=plan.key, recipe=str(plan.manager), method=cfg.method_name,
+                loss=cfg.loss, dataset=data.name, classes=list(data.classes), data_fingerprint=data.fingerprint,
+                target_sparsity=cfg.sparsity, sparsity=sparsity, layer_sparsity=layer_sparsity, test_acc=test_acc,
+                seed=cfg.seed, init=cfg.init, prunes=bool(patterns), identity=plan.identity, population=population,
+                linear_recipe=str(plan.linear_manager or ""))
+    sha = save_checkpoint(work, model, **meta)
+    (work / STATE).unlink(missing_ok=True)
+    info = dict(config_hash=plan.key, population=population, test_acc=test_acc, sparsity=sparsity, checkpoint_sha256=sha)
+    write_done(work, info)
+    return info
+
+
+def linear_stage(cfg: TrainConfig, model: WideResNet, manager, sup_batches, loader, test_loader, compiled) -> Stage:
+    """SCL stage 2: the classifier on the frozen encoder (encoder in eval mode: its batch norms are frozen too).
+
+    linear_augment: augmented training images through the encoder every step (the authors'
+    clr_training.py); otherwise features of un-augmented images computed once (fast on a CPU).
+    """
+    encoder, classifier = model.encoder, model.classifier
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def features(batches):
+        encoder.eval()
+        hs, ys = zip(*[(encoder(x).float(), y) for (x,), y in batches])
+        return torch.cat(hs), torch.cat(ys)
+
+    module = nn.ModuleDict({"classifier": classifier})
+
+    def train_mode():
+        encoder.eval()
+        classifier.train()
+
+    if cfg.linear_augment:
+        def step(views, y):
+            with torch.no_grad():
+                h = encoder(views[0])
+            logits = classifier(h.float())
+            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
+
+        batches, step_loss = sup_batches(cfg.linear_batch_size), compiled(step)
+        evaluate = lambda: accuracy(model, test_loader, cfg.bf16)  # noqa: E731
+    else:
+        h_train, y_train = features(loader("train", "none", 512, shuffle=False))
+        h_test, y_test = features(test_loader)
+
+        def step_loss(views, y):
+            logits = classifier(views[0])
+            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
+
+        @torch.no_grad()
+        def evaluate():
+            return float((classifier(h_test).argmax(1) == y_test).double().mean())
+
+        batches = FeatureLoader(h_train, y_train, cfg.linear_batch_size, cfg.seed + 1)
+    schedule = dict(kind=cfg.linear_lr_schedule, per=cfg.lr_step, milestones=cfg.linear_lr_milestones,
+                    gamma=cfg.linear_lr_gamma, lr_min=cfg.linear_lr_min)
+    return Stage("linear", module, list(classifier.parameters()), batches, step_loss, cfg.linear_epochs, cfg.linear_lr,
+                 False, cfg.linear_weight_decay, schedule, manager, evaluate, train_mode)
 
 
 # ---------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="whatislost-train", description=__doc__.split("\n")[0],
-                                epilog="Any config key can be set as key=value, e.g. epochs=5 recipe_vars.prune_end=3.")
+                                epilog="Any config key can be set as key=value, e.g. epochs=5 recipe_vars.prune_end=3. "
+                                       "Running the same command again continues an unfinished run.")
     p.add_argument("--config", help="YAML file of TrainConfig keys")
-    p.add_argument("--recipe", help="SparseML recipe file (recipes/dense.yaml, gmp.yaml, delta_gmp.yaml, oneshot.yaml)")
+    p.add_argument("--recipe", help="SparseML recipe file (recipes/dense.yaml, gmp.yaml, delta_gmp.yaml, oneshot.yaml, ...)")
     p.add_argument("--loss", help="ce | supcon")
     p.add_argument("--sparsity", type=float, help="target sparsity in [0, 1), the recipe's target_sparsity")
     p.add_argument("--seed", type=int)
@@ -372,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits | cifar10 | imagefolder")
     p.add_argument("--data-root", dest="data_root", help="data folder or .tar.gz")
     p.add_argument("--device", help="cpu | cuda | auto")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out (the old run stays until the new one has finished)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 

@@ -1,0 +1,164 @@
+"""The plugin's core: SparseML recipes, the modifiers the loop can honour, and measured sparsity.
+
+Everything whatislost asks of SparseML goes through here: finding a recipe, reading the
+variables it declares, building its `ScheduledModifierManager` with those variables set,
+refusing modifiers the plain training loop cannot honour, naming the tensors it prunes,
+and measuring sparsity on the weights (never taken from the recipe).
+
+Recipes may declare two variables of their own that whatislost reads:
+    from_dense: true      the recipe prunes a trained dense model (One-Shot style); the
+                          run needs `init` = a finished dense run
+    target_sparsity       the level the run is checked against (set by `--sparsity`)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch.nn as nn
+
+from .cli import UserError, first_line
+
+# the recipes shipped with the project (top-level recipes/ beside the package)
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# what a dense recipe is measured over: the tensors every shipped pruning recipe prunes
+PRUNABLE = ["re:^(encoder\\..*conv.*|classifier)\\.weight$"]
+
+# modifier families the loop honours; anything else (quantization, distillation, thinning,
+# OBS/M-FAC which need a gradient sampler) is refused before a run folder is written
+_HONOURED = ("EpochRangeModifier", "SetWeightDecayModifier", "SetLearningRateModifier",
+             "LearningRateFunctionModifier", "LearningRateModifier")
+_NEEDS_MORE = ("OBSPruningModifier", "MFACPruningModifier", "TopKASTPruningModifier")
+LR_MODIFIERS = ("SetLearningRateModifier", "LearningRateFunctionModifier", "LearningRateModifier")
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe path as given, else a shipped recipe by file or stem name ('gmp', 'recipes/gmp.yaml')."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for cand in (RECIPES_DIR / path.name, RECIPES_DIR / f"{path.name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"recipe file not found: {name} (shipped recipes: "
+                    f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))})")
+
+
+def recipe_text(name: str) -> str:
+    path = resolve_recipe(name)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe {path} cannot be read as text: {first_line(err)}") from None
+
+
+def recipe_sha(name: str) -> str:
+    """Content hash of a recipe file: what identifies it, not its file name."""
+    return hashlib.sha256(recipe_text(name).encode()).hexdigest()[:16]
+
+
+def recipe_variables(name: str) -> dict:
+    """{variable: value} the recipe declares at its top level, read by SparseML's own parser."""
+    from sparseml.optim.helpers import load_global_recipe_variables_from_yaml
+
+    text = recipe_text(name)
+    try:
+        declared = load_global_recipe_variables_from_yaml(text)
+    except Exception as err:  # yaml errors and SparseML's own, of assorted types
+        raise UserError(f"recipe {resolve_recipe(name)} is not a valid SparseML recipe: {first_line(err)}") from None
+    if not isinstance(declared, dict):
+        raise UserError(f"recipe {resolve_recipe(name)} is not a mapping of variables and modifiers")
+    return {k: v for k, v in declared.items() if k not in ("version", "metadata")}
+
+
+def recipe_from_dense(name: str) -> bool:
+    """Whether the recipe declares that it prunes a trained dense model (`from_dense: true`)."""
+    return recipe_variables(name).get("from_dense") is True
+
+
+def load_manager(recipe: str, num_epochs: float, sparsity: float, overrides: dict | None = None):
+    """The recipe as a ScheduledModifierManager with num_epochs, target_sparsity and `overrides` set.
+
+    UserError when the recipe is unreadable, SparseML rejects it, a variable is unknown, it
+    prunes without declaring target_sparsity, or it holds a modifier the loop cannot honour.
+    """
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    path = resolve_recipe(recipe)
+    declared = recipe_variables(recipe)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(declared))
+    if unknown:
+        raise UserError(f"recipe {path.name} has no variable {unknown[0]!r} (it declares: {', '.join(sorted(declared))})")
+    values = {"num_epochs": num_epochs, "target_sparsity": sparsity, **overrides}
+    try:
+        manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables={k: v for k, v in values.items()
+                                                                                  if k in declared})
+    except Exception as err:  # SparseML raises assorted types for bad recipes
+        raise UserError(f"SparseML rejected recipe {path}: {first_line(err)}") from None
+    check_honoured(manager, path)
+    if pruning_patterns(manager) and "target_sparsity" not in declared:
+        raise UserError(f"recipe {path.name} prunes but declares no target_sparsity variable")
+    if not pruning_patterns(manager) and sparsity > 0:
+        raise UserError(f"recipe {path.name} does not prune, but target sparsity {sparsity} was asked for")
+    return manager
+
+
+def check_honoured(manager, path: Path):
+    """Refuse, up front, modifiers the plain loop cannot honour (a half-run folder helps nobody)."""
+    from sparseml.pytorch.sparsification.pruning.modifier_pruning_base import BasePruningModifier
+
+    for mod in manager.modifiers:
+        name = type(mod).__name__
+        if name in _NEEDS_MORE or not (isinstance(mod, BasePruningModifier) or name in _HONOURED):
+            raise UserError(f"recipe {path.name} uses {name}, which whatislost's training loop does not support "
+                            f"(it runs pruning, epoch-range, learning-rate and weight-decay modifiers)")
+
+
+def sets_learning_rate(manager) -> bool:
+    """Whether the recipe schedules the learning rate itself (then the built-in schedule steps aside)."""
+    return any(type(mod).__name__ in LR_MODIFIERS for mod in manager.modifiers)
+
+
+def pruning_patterns(manager) -> list:
+    """Parameter names / regexes of every pruning modifier in the recipe."""
+    from sparseml.pytorch.sparsification.pruning.modifier_pruning_base import BasePruningModifier
+
+    patterns = []
+    for mod in manager.modifiers:
+        if isinstance(mod, BasePruningModifier):
+            patterns += [mod.params] if isinstance(mod.params, str) else list(mod.params)
+    return patterns
+
+
+def named_tensors(module: nn.Module, patterns: list) -> dict:
+    """{full name: parameter} of `module` matched by SparseML's own name/regex rules."""
+    from sparseml.pytorch.utils import get_named_layers_and_params_by_regex
+
+    found = get_named_layers_and_params_by_regex(module, patterns)
+    return {f"{f.layer_name}.{f.param_name}": f.param for f in found}
+
+
+def sparsity_report(tensors: dict) -> tuple[float, dict]:
+    """(overall fraction of exact zeros, {name: fraction}) over the given tensors, measured on the weights."""
+    layers = {name: float((p == 0).float().mean()) for name, p in tensors.items()}
+    zeros = sum(int((p == 0).sum()) for p in tensors.values())
+    total = sum(p.numel() for p in tensors.values())
+    return (zeros / total if total else 0.0), layers
+
+
+def sparseml_loggers(run_dir: Path):
+    """Route SparseML's modifier logs into RUN_DIR/sparse_logs/ instead of ./sparse_logs/."""
+    from sparseml.pytorch.utils import LoggerManager, PythonLogger
+
+    (run_dir / "sparse_logs").mkdir(exist_ok=True)
+    logger = logging.getLogger(f"whatislost.sparseml.{Path(run_dir).resolve()}")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.addHandler(logging.FileHandler(run_dir / "sparse_logs" / "sparseml.log"))
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return LoggerManager([PythonLogger(logger=logger)])
