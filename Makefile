@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export NM_DISABLE_ANALYTICS := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean install-py312 test-py312
 
 install: $(STAMP)
 
@@ -27,3 +27,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs sparse_logs .pytest_cache
+
+# Python 3.12 beside a preinstalled torch / numpy 2 / onnx >= 1.19 (CUDA images); docs/INSTALL.md.
+# A venv that sees the system's packages, so torch is used from there, never replaced.
+# Offline from a wheel folder: make install-py312 WHEELS=.gpu/wheels
+PY312 ?= python3.12
+VENV312 ?= .venv312
+WHEELS ?=
+
+install-py312:
+	test -x $(VENV312)/bin/python || $(PY312) -m venv --system-site-packages $(VENV312) \
+		|| $(PY312) -m venv --system-site-packages --without-pip $(VENV312)
+	PYTHON=$(VENV312)/bin/python PIP_PYTHON=$(PY312) WHEELS="$(WHEELS)" bash scripts/install_py312.sh
+
+test-py312:
+	$(VENV312)/bin/python -m pytest -q

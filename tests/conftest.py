@@ -18,11 +18,11 @@ from whatislost.data import load_digits
 
 
 
-def write_imagefolder(root, classes, n_train, n_test, size):
+def write_imagefolder(root, classes, n_train, n_test, size, seed=0):
     """root/{train,test}/<class>/<i>.png of random RGB size x size images; returns root."""
     from torchvision.io import write_png
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         for cls in classes:
             (root / split / cls).mkdir(parents=True)

@@ -76,13 +76,23 @@ def loss_name(loss: str) -> str:
     return LOSS_NAMES.get(loss, loss)
 
 
+def split_variant(method: str) -> tuple[str, str]:
+    """'gmp [3fa2c1]' -> ('gmp', '3fa2c1'): the eval marks populations that share a label but not an identity."""
+    base, _, variant = method.partition(" [")
+    return base, variant.rstrip("]")
+
+
 def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    base, variant = split_variant(method)
+    name = METHOD_NAMES.get(base, base)
+    return f"{name} [{variant}]" if variant else name
 
 
 def population_label(loss: str, method: str, sparsity: float, variant: str = "") -> str:
     """'Sup/GMP/90'; with a variant (populations that share a label but not an identity) 'Sup/GMP/90 [3fa2c1]'."""
-    label = f"{loss_name(loss)}/{method_name(method)}/{sparsity_label(sparsity)}"
+    base, marked = split_variant(method)
+    variant = variant or marked
+    label = f"{loss_name(loss)}/{METHOD_NAMES.get(base, base)}/{sparsity_label(sparsity)}"
     return f"{label} [{variant}]" if variant else label
 
 
