@@ -80,3 +80,16 @@ def test_cli_trains_and_saves_resolved_config(tmp_path, capsys):
     assert saved["seed"] == 2 and saved["sparsity"] == 0.5 and saved["epochs"] == 2
     code, err = run(["--recipe", "recipes/gmp.yaml", "--sparsity", "0.5", "--out", str(out), *TINY], capsys)
     assert code == 2 and "already holds a finished run" in err
+
+
+def test_help_lists_every_config_key_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from whatislost.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        line = next((l for l in text.splitlines() if l.split()[:1] == [f.name]), None)
+        assert line is not None and len(line.split()) >= 3, f.name  # name, default, a word of meaning

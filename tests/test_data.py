@@ -49,13 +49,13 @@ def test_batched_augmentation_keeps_shape_and_range(kind, channels):
 
 
 def test_loader_length_is_steps_per_epoch(digits):
-    loader = BatchLoader(digits.train_x, digits.train_y, digits.mean, digits.std, 128, shuffle=True, drop_last=True,
+    loader = BatchLoader(digits.train_x, digits.train_y, digits.normalize_unit, 128, shuffle=True, drop_last=True,
                          augment=make_augment("scl", 8, 1), n_views=2)
     batches = list(loader)
     assert len(batches) == len(loader) == len(digits.train_x) // 128
     views, y = batches[0]
     assert len(views) == 2 and views[0].shape == (128, 1, 8, 8) and not torch.equal(views[0], views[1])
-    evals = BatchLoader(digits.test_x, digits.test_y, digits.mean, digits.std, 100)
+    evals = BatchLoader(digits.test_x, digits.test_y, digits.normalize_unit, 100)
     assert len(evals) == 5 and sum(len(y) for _, y in evals) == len(digits.test_x)
 
 
@@ -394,7 +394,7 @@ def test_normalize_is_the_one_preprocessing(digits):
     assert got.dtype == torch.float32 and got.device == x.device and torch.allclose(got, expect, atol=1e-6)
     assert torch.equal(digits.normalize(x[0]), got[0])  # one image (C, H, W) too
     assert torch.equal(digits.normalize_unit(x.float() / 255), got)
-    loader = BatchLoader(x, digits.test_y[:5], digits.mean, digits.std, 5)
+    loader = BatchLoader(x, digits.test_y[:5], digits.normalize_unit, 5)
     (views, _), = list(loader)
     assert torch.equal(views[0], got)
     with pytest.raises(TypeError):

@@ -235,3 +235,32 @@ def test_compiled_step_keeps_sparseml_masks_and_matches_eager(tmp_path, digits, 
             assert torch.equal(w == 0, compiled["state_dict"][name] == 0), name  # same masks
         assert torch.allclose(w.float(), compiled["state_dict"][name].float(), atol=1e-4), name
     assert compiled["sparsity"] == eager["sparsity"]
+
+
+def test_recipe_with_learning_rate_modifiers_takes_over_the_rate(tmp_path, digits):
+    recipe = tmp_path / "lr.yaml"
+    recipe.write_text("num_epochs: 4\nmodifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: 4.0\n"
+                      "  - !SetLearningRateModifier\n    start_epoch: 2.0\n    learning_rate: 0.0123\n")
+    rows = read_metrics(train(tiny_config(tmp_path / "run", recipe=str(recipe), lr=0.05), data=digits))
+    # the built-in cosine steps aside: the rate is the optimiser's own until the recipe sets it, then the recipe's
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.05, 0.05, 0.0123, 0.0123])
+
+
+def test_epoch_figures_go_through_sparsemls_logger_manager(tmp_path, digits):
+    run = train(tiny_config(tmp_path / "run", recipe="recipes/gmp.yaml", sparsity=0.5, epochs=2), data=digits)
+    text = (run / "sparse_logs" / "sparseml.log").read_text()
+    assert text.count("whatislost/ce [") == 2 and "'loss':" in text and "'sparsity':" in text
+    assert text.count("whatislost/layer_sparsity [") == 2
+
+
+def test_extra_loggers_are_opt_in_and_checked_before_anything_is_written(tmp_path, digits):
+    from whatislost.cli import UserError
+
+    with pytest.raises(UserError, match="not one of tensorboard, wandb"):
+        train(tiny_config(tmp_path / "a", loggers=["mlflow"]), data=digits)
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="needs the wandb package"):
+            train(tiny_config(tmp_path / "b", loggers=["wandb"]), data=digits)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -28,59 +28,60 @@ class TrainConfig:
     hflip: bool = True  # horizontal flips (off for digits, which are not mirror-symmetric)
     vflip: bool = False  # vertical flips in the crop augmentation (the authors' code has them; the paper does not list them)
     # model
-    depth: int = 16
-    widen: int = 2
+    depth: int = 16  # WideResNet depth, 6n+4 (paper: 16)
+    widen: int = 2  # WideResNet width factor k (paper: 2)
     # training: one trainer, `loss` picks cross-entropy (Sup) or SupCon (SCL)
     loss: str = "ce"  # ce | supcon
     epochs: int = 30  # ce: whole run; supcon: contrastive stage 1
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    batch_size: int = 128  # images per step (SCL: anchors; each brings 2 views)
+    lr: float = 0.05  # SGD learning rate of the main stage
+    momentum: float = 0.9  # SGD momentum of every stage
+    nesterov: bool = False  # Nesterov momentum in the main stage
+    weight_decay: float = 5e-4  # L2 weight decay of the main stage
     lr_schedule: str = "cosine"  # cosine | constant | multistep | multistep+cosine
     lr_milestones: list = field(default_factory=list)  # multistep: epochs at which the rate is multiplied by lr_gamma
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # multistep: factor at each milestone
     lr_min: float = 0.0  # cosine floor (eta_min)
     lr_step: str = "step"  # step | epoch: when the schedule advances (the authors step per epoch)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (paper: none)
     temperature: float = 0.5  # SupCon temperature (paper: 0.5)
     base_temperature: Optional[float] = None  # SupCon loss x temperature/base_temperature (authors: 0.07); null: no factor
     # SCL stage 2: linear classifier on the frozen encoder
-    linear_epochs: int = 10
-    linear_lr: float = 0.1
-    linear_batch_size: int = 128
-    linear_weight_decay: float = 0.0
-    linear_lr_schedule: str = "cosine"
-    linear_lr_milestones: list = field(default_factory=list)
-    linear_lr_gamma: float = 0.1
-    linear_lr_min: float = 0.0
+    linear_epochs: int = 10  # SCL stage 2 (linear classifier on the frozen encoder): epochs
+    linear_lr: float = 0.1  # SCL stage 2: learning rate
+    linear_batch_size: int = 128  # SCL stage 2: batch size
+    linear_weight_decay: float = 0.0  # SCL stage 2: weight decay
+    linear_lr_schedule: str = "cosine"  # SCL stage 2: cosine | constant | multistep | multistep+cosine
+    linear_lr_milestones: list = field(default_factory=list)  # SCL stage 2: multistep milestones (epochs)
+    linear_lr_gamma: float = 0.1  # SCL stage 2: multistep factor
+    linear_lr_min: float = 0.0  # SCL stage 2: cosine floor
     linear_augment: bool = False  # true: augmented images through the frozen encoder every epoch (authors); false: features once
     linear_recipe: str = ""  # SparseML recipe pruning the classifier in this stage (authors: GMP to the run's sparsity)
-    linear_recipe_vars: dict = field(default_factory=dict)
+    linear_recipe_vars: dict = field(default_factory=dict)  # variables of linear_recipe, e.g. prune_start
     # One-Shot fine-tuning (used when `init` names a dense run)
-    init: str = ""
-    finetune_epochs: int = 30
-    finetune_lr: float = 1e-3
-    finetune_nesterov: bool = True
-    finetune_batch_size: int = 0  # 0: batch_size
-    finetune_weight_decay: Optional[float] = None  # null: weight_decay
-    finetune_lr_schedule: str = "cosine"
+    init: str = ""  # a finished dense run to start from (One-Shot: recipes declaring from_dense)
+    finetune_epochs: int = 30  # One-Shot fine-tuning: epochs
+    finetune_lr: float = 1e-3  # One-Shot fine-tuning: learning rate
+    finetune_nesterov: bool = True  # One-Shot fine-tuning: Nesterov momentum
+    finetune_batch_size: int = 0  # One-Shot fine-tuning: batch size (0: batch_size)
+    finetune_weight_decay: Optional[float] = None  # One-Shot fine-tuning: weight decay (null: weight_decay)
+    finetune_lr_schedule: str = "cosine"  # One-Shot fine-tuning: learning-rate schedule
     # pruning: a SparseML recipe and its variables
-    recipe: str = "recipes/dense.yaml"
+    recipe: str = "recipes/dense.yaml"  # SparseML recipe file, or a shipped recipe's name (gmp, delta_gmp, oneshot, ...)
     method: str = ""  # population name of the schedule; empty: the recipe file's stem (see method_name)
     sparsity: float = 0.0  # passed to the recipe as `target_sparsity`
     recipe_vars: dict = field(default_factory=dict)  # extra recipe variables, e.g. prune_start
     sparsity_tolerance: float = 0.005  # fail the run if achieved sparsity is further off
     # run
-    seed: int = 0
+    seed: int = 0  # seed of initialisation, data order and augmentation (>= 0)
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch CPU threads, 0 = torch's default
-    channels_last: bool = True
+    channels_last: bool = True  # channels_last memory format (faster convolutions)
     bf16: bool = False  # bf16 autocast for forward/backward
     compile: bool = False  # torch.compile the forward/backward of each step (SparseML's masks stay eager)
     eval_every: int = 1  # test accuracy every N epochs (0: only at the end)
     save_every: int = 10  # resumable state every N epochs (0: never); a rerun continues from it
+    loggers: list = field(default_factory=list)  # extra SparseML loggers: tensorboard, wandb (opt-in; sends data away)
     out: str = ""  # run directory; default runs/<name>
 
     @property
@@ -277,6 +278,36 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
         apply_overrides(cfg, read_yaml(path), str(path))
     apply_overrides(cfg, overrides or {}, "command line")
     return validate(cfg)
+
+
+def describe_keys(cls=None) -> str:
+    """Every key of a config dataclass with its default and the comment beside it in the source, one line each
+    (what `--help` lists; the dataclass is the one place both are written)."""
+    import inspect
+    import re
+
+    cls = cls or TrainConfig
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        found = re.match(r"\s+(\w+):[^=#]+=[^#]*#\s*(.*)$", line)
+        if found:
+            comments[found.group(1)] = found.group(2)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name:<22} {default!r:<22} {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def resolve_device(name: str):
+    """'auto' -> cuda when a GPU is there, else cpu; UserError for cuda without a GPU. A torch.device."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' asked for, but no CUDA GPU is available")
+    return torch.device(name)
 
 
 def config_text(cfg) -> str:

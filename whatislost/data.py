@@ -1,8 +1,9 @@
 """Data stage: image sets held as uint8 tensors, augmented in batches on the training device.
 
 Per-image PIL transforms in DataLoader workers are where CPU time goes on 32x32
-images, so images stay as one (N, C, H, W) uint8 tensor and each batch is
-augmented at once with kornia (per-sample random parameters, on CPU or GPU).
+images, so images stay as one (N, C, H, W) uint8 tensor on the training device and
+each batch is augmented at once (whatislost.augment: per-sample random parameters,
+a few batched tensor ops, no host synchronisation).
 """
 from __future__ import annotations
 
@@ -537,13 +538,13 @@ class BatchLoader:
 
     Yields (views, y): views is a list of `n_views` float tensors (B, C, H, W), y is (B,).
     len() is the number of optimizer steps per epoch, which SparseML needs exactly.
+    normalize: float images in [0, 1] -> normalised, the data set's own `ImageData.normalize_unit`.
     """
 
-    def __init__(self, x, y, mean, std, batch_size, device="cpu", shuffle=False, drop_last=False,
+    def __init__(self, x, y, normalize, batch_size, device="cpu", shuffle=False, drop_last=False,
                  augment=None, n_views=1, channels_last=False, seed=0):
         self.x, self.y = x.to(device), y.to(device)
-        self.mean = mean.to(device).view(1, -1, 1, 1)
-        self.std = std.to(device).view(1, -1, 1, 1)
+        self.normalize = normalize
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.drop_last = drop_last and len(x) >= batch_size
         self.augment, self.n_views = augment, n_views
@@ -562,5 +563,5 @@ class BatchLoader:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.x[idx].float().div_(255)
             views = [self.augment(images) if self.augment is not None else images for _ in range(self.n_views)]
-            views = [((v - self.mean) / self.std).contiguous(memory_format=self.memory_format) for v in views]
+            views = [self.normalize(v).contiguous(memory_format=self.memory_format) for v in views]
             yield views, self.y[idx]

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from .cli import UserError, first_line, run_cli
+from .config import resolve_device
 from .data import ImageData, load_data, make_augment
 from .identity import DENSE, population_id, population_label, reference_id, run_identity
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
@@ -427,10 +428,7 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     if not runs_dir.is_dir():
         raise UserError(f"runs folder not found: {runs_dir}")
     out = Path(out) if out else runs_dir / "eval"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for, but no CUDA GPU is available")
+    device = resolve_device(device).type
     from .evalfolder import check_out_folder
 
     check_out_folder(out)  # a folder that is not ours, or not writable: refused before anything is loaded

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import whatislost  # noqa: F401  (sets NM_DISABLE_ANALYTICS before sparseml loads)
 
 from .cli import UserError, first_line, run_cli
 from .data import load_data
@@ -74,15 +73,13 @@ def max_opset() -> int:
 # ---------------------------------------------------------------- inputs for the parity check
 @lru_cache(maxsize=4)  # --all: runs of one data set load it once
 def first_test_images(dataset: str, data_root: str, n: int = PARITY_IMAGES) -> tuple[torch.Tensor, list, list]:
-    """(first n test images (n, C, H, W) normalised as in training (data.BatchLoader), mean (C,), std (C,))."""
+    """(first n test images (n, C, H, W) normalised as in training (ImageData.normalize), mean (C,), std (C,))."""
     try:
         data = load_data(dataset, data_root)
     except UserError as err:
         raise UserError(f"the parity check needs the run's test images, but {err} "
                         f"(point --data-root at them)") from None
-    x = data.test_x[:n].float().div(255)
-    x = (x - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
-    return x, data.mean.tolist(), data.std.tolist()
+    return data.normalize(data.test_x[:n]), data.mean.tolist(), data.std.tolist()
 
 
 def parity_images(ckpt: dict, data_root: str | None) -> tuple[torch.Tensor, list, list]:

@@ -27,7 +27,7 @@ METHOD_NAMES = {"dense": "Dense", "gmp": "GMP", "delta_gmp": "ΔGMP", "oneshot":
 DENSE = "dense"
 
 # TrainConfig keys that do not change the trained model (or are replaced by content: recipe, data_root)
-NOT_IDENTITY = ("seed", "out", "init", "threads", "device", "channels_last", "compile", "eval_every", "save_every",
+NOT_IDENTITY = ("seed", "out", "init", "threads", "device", "channels_last", "compile", "eval_every", "save_every", "loggers",
                 "sparsity_tolerance", "method", "data_root", "recipe", "recipe_vars", "linear_recipe",
                 "linear_recipe_vars")
 # what a pruned population shares with its dense reference (everything but the pruning itself)

@@ -82,7 +82,7 @@ def modal_labels(
         num_classes: C; every prediction must lie in [0, C).
         tie_break: "min" (default) or "max": the smallest / largest class id among
             those sharing the top count. "min" is what the authors' ``np.bincount(..).argmax()``
-            does (clr_pie_kmodels_detection.py, prediction_depth_sup.py).
+            does (clr_pie_kmodels_detection.py, sup_prediction_depth.py).
 
     Returns:
         (labels (N,) long, n_tied): n_tied is how many samples had more than one
@@ -370,7 +370,7 @@ def depth_from_probe_predictions(
     Args:
         probe_preds: (P, Q) integer k-NN predictions, probe 0 first.
         reference: (Q,) label each probe must match. Corti et al.'s code passes the
-            true test label (prediction_depth_sup.py: ``sample_class=label``), so a
+            true test label (sup_prediction_depth.py: ``sample_class=label``), so a
             sample misclassified by the last probes gets depth P. Baldock et al.
             use the network's own final prediction instead; the caller chooses.
         convention: "authors" or "baldock".

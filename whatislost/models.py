@@ -7,7 +7,6 @@ the convolution and linear weights of encoder and classifier, never the projecti
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -149,9 +149,29 @@ def sparsity_report(tensors: dict) -> tuple[float, dict]:
     return (zeros / total if total else 0.0), layers
 
 
-def sparseml_loggers(run_dir: Path):
-    """Route SparseML's modifier logs into RUN_DIR/sparse_logs/ instead of ./sparse_logs/."""
-    from sparseml.pytorch.utils import LoggerManager, PythonLogger
+LOGGERS = ("tensorboard", "wandb")  # opt-in: nothing is sent off the machine unless asked for
+
+
+def check_loggers(names: list):
+    """UserError, before anything is written, for an unknown logger or one whose package is missing."""
+    for name in names:
+        if name not in LOGGERS:
+            raise UserError(f"loggers: '{name}' is not one of {', '.join(LOGGERS)}")
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"loggers: {name} needs the {module} package (pip install {module})") from None
+
+
+def run_loggers(run_dir: Path, extra: list = (), run_name: str = ""):
+    """One SparseML LoggerManager for a run: its modifiers and the trainer's per-epoch figures go through it.
+
+    Always a PythonLogger into RUN_DIR/sparse_logs/sparseml.log (never ./sparse_logs/); on request a
+    TensorBoardLogger into RUN_DIR/tensorboard/ and a WANDBLogger (Weights & Biases sends data off the
+    machine: strictly opt-in, `loggers: [wandb]`).
+    """
+    from sparseml.pytorch.utils import LoggerManager, PythonLogger, TensorBoardLogger, WANDBLogger
 
     (run_dir / "sparse_logs").mkdir(exist_ok=True)
     logger = logging.getLogger(f"whatislost.sparseml.{Path(run_dir).resolve()}")
@@ -161,4 +181,9 @@ def sparseml_loggers(run_dir: Path):
     logger.addHandler(logging.FileHandler(run_dir / "sparse_logs" / "sparseml.log"))
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    return LoggerManager([PythonLogger(logger=logger)])
+    loggers = [PythonLogger(logger=logger)]
+    if "tensorboard" in extra:
+        loggers.append(TensorBoardLogger(log_path=str(run_dir / "tensorboard")))
+    if "wandb" in extra:
+        loggers.append(WANDBLogger(init_kwargs={"dir": str(run_dir), "name": run_name or Path(run_dir).name}))
+    return LoggerManager(loggers)

@@ -41,12 +41,12 @@ CHECKPOINT = "model.pt"
 STATE = "state.pt"
 # what whatislost itself writes into a run directory (train, eval cache, export); nothing else is ever removed
 OWN_NAMES = {MARK, LOCK, DONE, CHECKPOINT, STATE, "config.yaml", "recipe.yaml", "metrics.csv", "layer_sparsity.csv",
-             "train.log", "sparse_logs", "eval_cache.pt", "model.onnx", "model.onnx.json", "encoder.onnx",
-             "encoder.onnx.json"}
+             "train.log", "sparse_logs", "tensorboard", "wandb", "eval_cache.pt", "model.onnx", "model.onnx.json",
+             "encoder.onnx", "encoder.onnx.json"}
 
 
 def _own(name: str) -> bool:
-    return name in OWN_NAMES or name.endswith(".tmp") or name.startswith(".tmp-")
+    return name in OWN_NAMES or name.endswith(".tmp") or name.startswith((".tmp-", ".whatislost-export-"))
 
 
 # ---------------------------------------------------------------- atomic files

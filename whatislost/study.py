@@ -35,16 +35,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from . import train as trainer
 from .backends import DEFAULT_RUNS_PER_GPU, Job, LocalBackend, RayBackend, cpu_count, run_jobs
 from .cli import UserError, run_cli
-from .config import TrainConfig, apply_overrides, parse_overrides, validate
+from .config import TrainConfig, apply_overrides, describe_keys, parse_overrides, resolve_device, validate
 from .data import load_data
 from .identity import DENSE, population_id, run_hash, run_identity, study_run_name
 from .metrics import mean_std
 from .pruning import load_manager
 from .rundir import atomic_write_text, is_finished, read_done
-from .studyfile import Study, load_study
+from .studyfile import EvalSettings, Study, load_study
 
 DENSE_RECIPE = "recipes/dense.yaml"
 
@@ -275,7 +274,7 @@ def evaluate(study: Study, out: Path) -> Path:
     from .eval import run_eval  # the eval stage, imported only when a study gets that far
 
     ev = study.eval
-    eval_dir = run_eval(out / "runs", out=out / "eval", device=trainer.resolve_device(ev.device).type,
+    eval_dir = run_eval(out / "runs", out=out / "eval", device=resolve_device(ev.device).type,
                         metrics=ev.metrics, depth_models=ev.depth_models, knn_k=ev.knn_k, tie_break=ev.tie_break,
                         depth_reference=ev.depth_reference, probes=ev.probes, depth_train=ev.depth_train)
     return Path(eval_dir) / "report" / "index.html"
@@ -313,8 +312,13 @@ def dry_run(runs: list[Run], states: dict, out: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="whatislost-study", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any study key can be set as key=value, e.g. seeds=3 losses.ce.epochs=10 "
-                                       "sparsities=[0.5,0.9].")
+                                       "sparsities=[0.5,0.9].\n\nstudy keys: name, train, losses, methods, sparsities, "
+                                       "seeds, eval (README, 'Running a study').\ntrain / losses.<loss> / "
+                                       "methods.<m>.train take these TrainConfig keys (default, meaning):\n"
+                                       + describe_keys() + "\neval takes (default, meaning):\n"
+                                       + describe_keys(EvalSettings))
     p.add_argument("config", help="study YAML file (examples/quickstart.yaml, examples/cifar10_paper.yaml)")
     p.add_argument("--out", help="study folder (default runs/<study name>)")
     p.add_argument("--workers", type=int, help="local backend: runs at a time, 1 = in this process (default: "

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .cli import UserError, first_line, run_cli
-from .config import TrainConfig, config_text, load_config, parse_overrides, validate
+from .config import TrainConfig, config_text, describe_keys, load_config, parse_overrides, resolve_device, validate
 from .data import BatchLoader, ImageData, load_data, make_augment
 from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
 from .models import WideResNet
-from .pruning import (PRUNABLE, load_manager, named_tensors, pruning_patterns, recipe_from_dense, resolve_recipe,
-                      sets_learning_rate, sparseml_loggers, sparsity_report)
+from .pruning import (PRUNABLE, check_loggers, load_manager, named_tensors, pruning_patterns, recipe_from_dense,
+                      resolve_recipe, run_loggers, sets_learning_rate, sparsity_report)
 from .rundir import (STATE, RunClaim, atomic_torch_save, atomic_write_text, clear_own_files, is_finished,
                      load_checkpoint, save_checkpoint, write_done)
 
@@ -51,13 +51,14 @@ log = logging.getLogger("whatislost")
 
 # ---------------------------------------------------------------- logging to the run dir
 class EpochLog:
-    """One CSV row per epoch in metrics.csv and layer_sparsity.csv, flushed at once; the rows are kept
-    so that a resumed run rewrites exactly the epochs it keeps."""
+    """One CSV row per epoch in metrics.csv and layer_sparsity.csv, flushed at once, and the same figures
+    through the run's SparseML LoggerManager (its log file, TensorBoard or W&B when asked for); the rows
+    are kept so that a resumed run rewrites exactly the epochs it keeps."""
 
     FIELDS = ["stage", "epoch", "loss", "train_acc", "test_acc", "sparsity", "lr", "seconds"]
 
-    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None):
-        self.tensors = tensors
+    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None, loggers=None):
+        self.tensors, self.loggers = tensors, loggers
         self.rows = rows or {"metrics": [], "layers": []}
         self.files = {"metrics": open(run_dir / "metrics.csv", "w", newline=""),
                       "layers": open(run_dir / "layer_sparsity.csv", "w", newline="")}
@@ -73,6 +74,12 @@ class EpochLog:
             self.rows[name].append(r)
             csv.writer(self.files[name]).writerow(r)
         self.flush()
+        if self.loggers is not None:
+            step = len(self.rows["metrics"])  # epochs so far, over all stages
+            values = {"loss": loss, "sparsity": overall, "lr": lr, "seconds": seconds}
+            values.update({k: v for k, v in (("train_acc", train_acc), ("test_acc", test_acc)) if v is not None})
+            self.loggers.log_scalars(f"whatislost/{stage}", values, step=step)
+            self.loggers.log_scalars("whatislost/layer_sparsity", layers, step=step)
         log.info("%s epoch %d: loss %.4f train_acc %s test_acc %s sparsity %.4f lr %.4g (%.1fs)",
                  stage, epoch, loss, _fmt(train_acc), _fmt(test_acc), overall, lr, seconds)
 
@@ -217,7 +224,7 @@ def all_finite(tensors) -> bool:
 
 
 def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path, index: int = 0,
-              checkpointer: Checkpointer | None = None):
+              checkpointer: Checkpointer | None = None, loggers=None):
     """Train one stage: SGD + its schedule, wrapped by its SparseML recipe when it has one.
 
     No host synchronisation inside an epoch: loss sums, correct counts and the non-finite flag
@@ -232,7 +239,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
     stepper = optimizer
     if stage.manager is not None:
         stepper = stage.manager.modify(stage.module, optimizer, steps_per_epoch=len(stage.loader),
-                                       loggers=sparseml_loggers(run_dir), epoch=float(start))
+                                       loggers=loggers or run_loggers(run_dir), epoch=float(start))
         if saved_masks is not None:
             load_manager_state(stage.manager, saved_masks)
     show_bar = sys.stderr.isatty()
@@ -306,14 +313,6 @@ class FeatureLoader:
 
 
 # ---------------------------------------------------------------- one run, end to end
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     """The checkpoint One-Shot starts from; UserError unless it is a finished dense run that fits."""
     if not Path(cfg.init).is_dir() or not is_finished(cfg.init, verify=True):
@@ -370,6 +369,7 @@ def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     """Validate a run completely (settings, recipes, data, --init) without writing anything."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    check_loggers(cfg.loggers)
     if recipe_from_dense(cfg.recipe) and not cfg.init:
         raise UserError(f"recipe {cfg.recipe} prunes a trained model (it declares from_dense): pass --init DENSE_RUN_DIR")
     manager = load_manager(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars)
@@ -455,7 +455,7 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
     def loader(split, augment, batch_size, n_views=1, shuffle=True, vflip=False):
         x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
         aug = make_augment(augment, data.image_size, data.in_channels, cfg.crop_padding, cfg.hflip, vflip)
-        return BatchLoader(x, y, data.mean, data.std, batch_size, device, shuffle=shuffle, drop_last=shuffle,
+        return BatchLoader(x, y, data.normalize_unit, batch_size, device, shuffle=shuffle, drop_last=shuffle,
                            augment=aug, n_views=n_views, channels_last=cfg.channels_last, seed=cfg.seed)
 
     test_loader = loader("test", "none", 512, shuffle=False)
@@ -507,13 +507,14 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
             stages.append(lambda: linear_stage(cfg, model, plan.linear_manager, sup_batches, loader, test_loader,
                                                compiled))
 
-    epoch_log = EpochLog(work, pruned, resume["rows"] if resume else None)
+    loggers = run_loggers(work, cfg.loggers, Path(cfg.out).name)
+    epoch_log = EpochLog(work, pruned, resume["rows"] if resume else None, loggers)
     checkpointer = Checkpointer(work, cfg.save_every, plan.key, model, epoch_log, resume)
     try:
         for index, build_stage in enumerate(stages):
             if resume is not None and index < resume["stage"]:
                 continue  # finished before the state was saved; its result is in the restored weights
-            run_stage(build_stage(), cfg, epoch_log, work, index, checkpointer)
+            run_stage(build_stage(), cfg, epoch_log, work, index, checkpointer, loggers)
     finally:
         epoch_log.close()
 
@@ -591,8 +592,10 @@ def linear_stage(cfg: TrainConfig, model: WideResNet, manager, sup_batches, load
 # ---------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="whatislost-train", description=__doc__.split("\n")[0],
-                                epilog="Any config key can be set as key=value, e.g. epochs=5 recipe_vars.prune_end=3. "
-                                       "Running the same command again continues an unfinished run.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config key can be set in --config YAML or as key=value, e.g. epochs=5 "
+                                       "recipe_vars.prune_end=3.\nRunning the same command again continues an "
+                                       "unfinished run.\n\nconfig keys (default, meaning):\n" + describe_keys())
     p.add_argument("--config", help="YAML file of TrainConfig keys")
     p.add_argument("--recipe", help="SparseML recipe file (recipes/dense.yaml, gmp.yaml, delta_gmp.yaml, oneshot.yaml, ...)")
     p.add_argument("--loss", help="ce | supcon")
