@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export NM_DISABLE_ANALYTICS := 1
 
-.PHONY: install demo test bench clean install-py312 test-py312
+.PHONY: install demo test bench clean install-py312 test-py312 reduced-gpu reduced-cpu
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
+
+# The paper's findings on real CIFAR-10 (../shared/data/cifar10-jpeg.tar.gz), docs/RESULTS.md
+REDUCED_CPU := train.train_per_class=300 train.test_per_class=200 train.bf16=false losses.supcon.batch_size=256 \
+	losses.supcon.epochs=10 losses.supcon.linear_epochs=5 eval.device=cpu
+
+reduced-gpu: $(STAMP)
+	$(BIN)/whatislost-study examples/cifar10_reduced.yaml --out runs/cifar10_reduced
+
+reduced-cpu: $(STAMP)
+	$(BIN)/whatislost-study examples/cifar10_reduced.yaml --out runs/cifar10_reduced_cpu --workers 2 $(REDUCED_CPU)
 
 clean:
 	rm -rf $(VENV) runs sparse_logs .pytest_cache

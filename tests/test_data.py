@@ -436,3 +436,31 @@ def test_unpack_finished_first_by_another_process_is_used(tiny_imagefolder, priv
     assert list((private_cache / "archives").iterdir()) == [theirs] and theirs.stat().st_ino == inode  # theirs kept
     assert len(calls) == 2  # and ours, unpacked meanwhile, dropped
 
+
+
+def test_per_class_subsets_are_fixed_stratified_and_identified_by_content(digits):
+    from whatislost.data import load_data
+
+    small = load_data("digits", train_per_class=10, test_per_class=3)
+    assert torch.bincount(small.train_y).tolist() == [10] * 10 and torch.bincount(small.test_y).tolist() == [3] * 10
+    assert small.fingerprint == load_data("digits", train_per_class=10, test_per_class=3).fingerprint
+    assert small.fingerprint != digits.fingerprint
+    first_zero = (digits.train_y == 0).nonzero().flatten()[0]
+    assert torch.equal(small.train_x[(small.train_y == 0).nonzero().flatten()[0]], digits.train_x[first_zero])
+
+
+def test_subset_run_is_scored_on_the_same_subset(tmp_path):
+    from conftest import tiny_config
+    from whatislost.eval import run_eval
+    from whatislost.train import train
+
+    for seed in (0, 1):
+        train(tiny_config(tmp_path / "runs" / f"s{seed}", recipe="recipes/dense.yaml", epochs=1, train_per_class=20,
+                          test_per_class=5, seed=seed))
+    out = run_eval(tmp_path / "runs", tmp_path / "eval", metrics=("acc",), report=False)
+    import json
+
+    (row,) = json.loads((out / "summary.json").read_text())["populations"]
+    assert row["n_models"] == 2
+    samples = __import__("pandas").read_csv(out / "tables" / "per_sample_digits-wrn10-1.csv")
+    assert len(samples) == 50

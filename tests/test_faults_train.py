@@ -57,7 +57,7 @@ CASES = [
     ("nan-sparsity", lambda t: ["--out", t / "r", "--recipe", "gmp", "--sparsity", "nan"], "target sparsity"),
     ("nan-recipe-var", lambda t: ["--out", t / "r", "--recipe", "gmp", "--sparsity", "0.5", "recipe_vars.prune_end=nan"],
      "must be finite"),
-    ("bad-milestones", lambda t: ["--out", t / "r", "lr_schedule=multistep", "lr_milestones=[5, 2]"], "increasing"),
+    ("bad-milestones", lambda t: ["--out", t / "r", "lr_schedule=multistep", "lr_milestones=[5, 2]"], "increasing epochs"),
     ("binary-config", lambda t: ["--out", t / "r", "--config", write(t / "c.yaml", b"\xff\xfe\x00\x81" * 50)],
      "not a text file"),
     ("garbled-config", lambda t: ["--out", t / "r", "--config", write(t / "c.yaml", "epochs: [1, 2\nlr: {")],

@@ -1,4 +1,7 @@
 """Figures and the HTML report, drawn from a small eval output of the tiny digits populations."""
+import base64
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -23,12 +26,14 @@ def write_fake_umap(out: Path):
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 6, (10, 2))
     frames = []
-    for pop in pd.read_csv(out / "tables" / "populations.csv").itertuples():
+    for pop in pd.read_csv(out / "tables" / "populations.csv", keep_default_na=False).itertuples():
+        pie = samples.get(f"{pop.population}:pie", pd.Series(0, index=samples.index))
         for which in ("first", "mean"):
             xy = centres[samples.true_label] + rng.normal(0, 1 + pop.sparsity / 25, (len(samples), 2))
             frames.append(pd.DataFrame(dict(population=pop.population, loss=pop.loss, method=pop.method,
-                                            sparsity=pop.sparsity, which=which, sample_id=samples.sample_id,
-                                            label=samples.true_label, x=xy[:, 0], y=xy[:, 1])))
+                                            sparsity=pop.sparsity, which=which, aligned_to=pop.reference,
+                                            sample_id=samples.sample_id, label=samples.true_label,
+                                            pred=samples[f"{pop.population}:modal"], pie=pie, x=xy[:, 0], y=xy[:, 1])))
     pd.concat(frames).to_csv(out / "figdata" / f"umap_{GROUP}.csv", index=False)
 
 
@@ -61,14 +66,25 @@ def test_gallery_shows_what_its_rows_say(evaluated):
     samples = pd.read_csv(out / "tables" / f"per_sample_{GROUP}.csv")
     pops = figures.load_populations(out)
     sparsity, rows = figures.gallery_rows(samples, pops, per_row=5)
-    assert sparsity == 50 and len(rows) == 2 * 3  # Sup/GMP, Sup/One-Shot, SCL/GMP: two rows each
+    assert sparsity == 50 and len(rows) == 3 * 3  # Sup/GMP, Sup/One-Shot, SCL/GMP: three rows each
     truth = samples.set_index("sample_id").true_label
+    shown_of = {}
     for title, cells in rows:
-        assert 0 < len(cells) <= 5
-        for sample, dense, sparse in cells:
-            assert dense != sparse  # a PIE
-            right, wrong = (sparse, dense) if "sparse right" in title else (dense, sparse)
-            assert right == truth[sample] != wrong
+        population = title.split("\n")[0].replace(" 50%", "/50")
+        shown, total = map(int, re.search(r"(\d+) of (\d+) shown", title).groups())
+        assert shown == len(cells) == min(5, total)
+        shown_of[population] = shown_of.get(population, 0) + total
+        for sample, true, dense, sparse in cells:
+            assert dense != sparse and true == truth[sample]  # a PIE, with its true label
+            if "sparse right" in title:
+                assert sparse == true != dense
+            elif "dense right" in title:
+                assert dense == true != sparse
+            else:
+                assert "both wrong" in title and true not in (dense, sparse)
+    # the three rows of a population together cover every one of its PIEs (both wrong included)
+    counts = pops.set_index("population").pie_count
+    assert shown_of == {p: counts[p] for p in shown_of}
     with pytest.raises(UserError, match="available: 50"):
         figures.gallery_rows(samples, pops, sparsity=90)
 
@@ -84,20 +100,24 @@ def test_missing_inputs_skip_their_figures_and_say_why(evaluated, tmp_path):
     assert re.search(r"UMAP.*not drawn: UMAP was not computed", page)
     assert re.search(r"PD-Score.*not drawn: .*prediction depth was not computed", page)
     drawn = sorted(p.name for p in (partial / "figures").glob("*.png"))
-    assert drawn == sorted(f"{n}_{GROUP}.png" for n in ("acc_pies", "qscore", "pie_classes", "pie_gallery"))
+    assert drawn == sorted(f"{n}_{GROUP}.png" for n in ("acc_pies", "training_curves", "layer_sparsity", "qscore",
+                                                         "pie_classes", "pie_gallery"))
 
 
 def test_page_lists_the_study_and_every_reference_exists(evaluated):
     out, index = evaluated
     page = index.read_text()
     assert index == out / "report" / "index.html"
-    refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(figures.FIGURES)
+    # the figures are in the page itself (one file to mail), each the PNG beside it
+    pngs = {base64.b64decode(i.split(",", 1)[1]) for i in images if i.startswith("data:image/png;base64,")}
+    assert pngs == {p.read_bytes() for p in (out / "figures").glob("*.png")}
+    refs = [r for r in re.findall(r'(?:src|href)="([^"#]+)"', page) if r not in images]
     assert not [r for r in refs if re.match(r"[a-z]+:", r)]  # nothing fetched: works offline
     assert "<script" not in page
     for ref in refs:
         assert (index.parent / unquote(ref)).is_file(), ref
-    images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) == len(figures.FIGURES)
     for label in ("Sup/Dense/0", "Sup/GMP/50", "Sup/One-Shot/50", "SCL/Dense/0", "SCL/GMP/50"):
         assert label in page
     for title in ("Table 1", "Table 4", "Table 5", "Table 6", "Missing or failed runs"):
@@ -114,15 +134,70 @@ def test_report_cli_errors_are_exit_2(evaluated, tmp_path, capsys):
     assert "sparsity 90% not in this eval" in capsys.readouterr().err
 
 
+def test_overview_and_significance_say_what_is_significant(evaluated):
+    out, index = evaluated
+    page = html.unescape(index.read_text())
+    pops = pd.read_csv(out / "tables" / "populations.csv").set_index("population")
+    overview = page.split('id="overview"')[1].split('id="significance"')[0]
+    for population in ("Sup/GMP/50", "Sup/One-Shot/50", "SCL/GMP/50"):
+        row = pops.loc[population]
+        # the PIE count with its interval, the tied samples and the count under the other rule, side by side
+        cells = f"<td>{int(row.pie_count)} [{int(np.floor(row.pie_count_ci_low))}, " \
+                f"{int(np.ceil(row.pie_count_ci_high))}]</td><td>{int(row.pie_tied)}</td><td>{int(row.pie_count_other)}"
+        assert cells in overview, population
+    if pops.pie_tie_warning.fillna(False).astype(bool).any():
+        assert "The tie rule could change a conclusion" in overview
+    significance = page.split('id="significance"')[1].split('id="inventory"')[0]
+    tests = pd.read_csv(out / "tables" / "pie_comparison.csv")
+    assert "Does SCL have more PIEs than Sup?" in significance and len(tests) == 1  # GMP 50: the only pair
+    assert f"<td>{tests.n_sup[0]}</td><td>{tests.n_scl[0]}</td><td>{tests['diff'][0]:+d} [" in significance
+    assert "Classes whose recall changed" in significance and "Benjamini-Hochberg" in significance
+    # every table says what its ± is over, and gives n
+    tables = page.split('id="tables"')[1].split('id="figures"')[0]
+    assert "mean±std over the population's n models" in tables and "std over the test samples" in tables
+    assert "(450 test images, 2 models per population)" in tables
+    n_pie = int(pops.loc["Sup/GMP/50", "pd_pie_n"])
+    assert re.search(rf"±[0-9.]+ \[[0-9.]+, [0-9.]+\] n={n_pie}</td>", tables)
+
+
+RENDER_CHECK = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight,
+                                                 shown: i.getBoundingClientRect().width}));
+  const pre = document.createElement("pre");
+  pre.id = "render-check";
+  pre.textContent = JSON.stringify({images, overflow: document.documentElement.scrollWidth - window.innerWidth});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium(tmp_path, *args):
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000", *args],
+                          check=True, capture_output=True, timeout=90, text=True).stdout
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="headless Chromium not installed (Debian: apt-get install chromium); page rendering not checked")
 def test_page_renders_in_headless_chromium(evaluated, tmp_path):
+    """The page alone (copied away from its eval folder, as when mailed) shows every figure, decoded, within the
+    window's width; no table widens the page."""
     _, index = evaluated
+    alone = tmp_path / "mailed.html"
+    alone.write_text(index.read_text().replace("</body>", RENDER_CHECK + "</body>"))
+    dom = chromium(tmp_path, "--dump-dom", "--virtual-time-budget=10000", alone.as_uri())
+    check = json.loads(html.unescape(re.search(r'<pre id="render-check">(.*?)</pre>', dom, re.S).group(1)))
+    images = check["images"]
+    assert len(images) == len(figures.FIGURES)
+    assert sorted(i["alt"] for i in images) == sorted(f"{title}, {GROUP}" for _, title, *_ in figures.FIGURES)
+    for image in images:
+        assert image["w"] > 100 and image["h"] > 100, image  # decoded: a real picture, not a broken-image icon
+        assert 0 < image["shown"] <= 1200, image
+    assert check["overflow"] <= 0  # wide tables scroll in their box; the page itself does not
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1200,2000", index.resolve().as_uri()],
-                   check=True, capture_output=True, timeout=90)
+    chromium(tmp_path, f"--screenshot={shot}", alone.as_uri())
     assert shot.is_file() and not_blank(shot)
 
 
@@ -215,7 +290,7 @@ def test_hostile_names_are_escaped_everywhere(tmp_path):
         assert text not in page, text
     assert "<script" not in page and "<img src=x" not in page and "<svg" not in page and "<b>cat" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown, as text
-    refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
+    refs = [r for r in re.findall(r'(?:src|href)="([^"#]+)"', page) if not r.startswith("data:image/png;base64,")]
     assert any("%22%3E%3Cimg" in r for r in refs)
     for ref in refs:
         assert not re.match(r"[a-z]+:", ref) and (out / "report" / unquote(ref)).is_file(), ref

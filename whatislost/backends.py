@@ -25,7 +25,7 @@ from pathlib import Path
 from . import train as trainer
 from .cli import UserError, first_line
 from .config import TrainConfig
-from .data import load_data
+from .data import load_run_data
 from .rundir import read_done
 
 # small WRN-16-2 steps leave a GPU mostly idle; 4 runs sharing one gave 2.8x one run's throughput
@@ -74,9 +74,9 @@ def execute_run(job: Job) -> dict:
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {job.name} on {socket.gethostname()} pid {os.getpid()} "
               f"threads {cfg.threads}", flush=True)
         try:
-            key = (cfg.dataset, cfg.data_root)
+            key = (cfg.dataset, cfg.data_root, cfg.train_per_class, cfg.test_per_class)
             if key not in _DATA_CACHE:  # workers train many runs on the same data
-                _DATA_CACHE[key] = load_data(cfg.dataset, cfg.data_root)
+                _DATA_CACHE[key] = load_run_data(cfg)
             run_dir = trainer.train(cfg, data=_DATA_CACHE[key], overwrite=job.overwrite)
             done = read_done(run_dir)
             return dict(name=job.name, status="done", test_acc=done["test_acc"], sparsity=done["sparsity"],

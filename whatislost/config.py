@@ -24,6 +24,8 @@ class TrainConfig:
     # data
     dataset: str = "digits"  # digits | cifar10 | imagefolder
     data_root: str = ""  # folder (or .tar.gz for imagefolder); unused for digits
+    train_per_class: int = 0  # 0: every training image; else the first N of each class (a fixed subset)
+    test_per_class: int = 0  # 0: every test image; else the first N of each class
     crop_padding: int = 4  # Sup augmentation: random crop with this zero padding
     hflip: bool = True  # horizontal flips (off for digits, which are not mirror-symmetric)
     vflip: bool = False  # vertical flips in the crop augmentation (the authors' code has them; the paper does not list them)
@@ -39,7 +41,7 @@ class TrainConfig:
     nesterov: bool = False  # Nesterov momentum in the main stage
     weight_decay: float = 5e-4  # L2 weight decay of the main stage
     lr_schedule: str = "cosine"  # cosine | constant | multistep | multistep+cosine
-    lr_milestones: list = field(default_factory=list)  # multistep: epochs at which the rate is multiplied by lr_gamma
+    lr_milestones: list = field(default_factory=list)  # multistep: epochs at which the rate is multiplied by lr_gamma (fractions: lr_step step)
     lr_gamma: float = 0.1  # multistep: factor at each milestone
     lr_min: float = 0.0  # cosine floor (eta_min)
     lr_step: str = "step"  # step | epoch: when the schedule advances (the authors step per epoch)
@@ -79,6 +81,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last memory format (faster convolutions)
     bf16: bool = False  # bf16 autocast for forward/backward
     compile: bool = False  # torch.compile the forward/backward of each step (SparseML's masks stay eager)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     eval_every: int = 1  # test accuracy every N epochs (0: only at the end)
     save_every: int = 10  # resumable state every N epochs (0: never); a rerun continues from it
     loggers: list = field(default_factory=list)  # extra SparseML loggers: tensorboard, wandb (opt-in; sends data away)
@@ -110,6 +113,7 @@ CHOICES = {
     "linear_lr_schedule": SCHEDULES,
     "finetune_lr_schedule": SCHEDULES,
     "lr_step": ("step", "epoch"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "device": ("cpu", "cuda", "auto"),
 }
 
@@ -224,7 +228,7 @@ RANGES = [
     ("lr_min", 0, None, True), ("linear_lr_min", 0, None, True), ("label_smoothing", 0, 1, True),
     ("temperature", 0, None, False), ("base_temperature", 0, None, False), ("sparsity_tolerance", 0, 1, False),
     ("seed", 0, None, True), ("threads", 0, None, True), ("eval_every", 0, None, True), ("save_every", 0, None, True),
-    ("crop_padding", 0, None, True), ("linear_epochs", 0, None, True), ("finetune_batch_size", 0, None, True),
+    ("crop_padding", 0, None, True), ("train_per_class", 0, None, True), ("test_per_class", 0, None, True), ("linear_epochs", 0, None, True), ("finetune_batch_size", 0, None, True),
     ("epochs", 1, None, True), ("batch_size", 1, None, True), ("linear_batch_size", 1, None, True),
     ("finetune_epochs", 1, None, True),
 ]
@@ -256,8 +260,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"widen must be >= 1; got {cfg.widen}")
     for key in ("lr_milestones", "linear_lr_milestones"):
         values = getattr(cfg, key)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or values != sorted(values):
-            raise UserError(f"{key} must be increasing whole epochs > 0; got {values}")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                      for v in values)
+        if not numbers or values != sorted(values):
+            raise UserError(f"{key} must be increasing epochs > 0 (fractions step per step); got {values}")
     for key in ("recipe_vars", "linear_recipe_vars"):
         for name, value in getattr(cfg, key).items():
             try:

@@ -96,9 +96,15 @@ class ImageData:
 
     def normalize_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Float images already in [0, 1] (e.g. after augmentation) -> float32 (x - mean) / std on x's device."""
-        mean = self.mean.to(x.device).view(-1, 1, 1)
-        std = self.std.to(x.device).view(-1, 1, 1)
+        mean, std = self._stats_on(x.device)
         return (x.float() - mean) / std
+
+    def _stats_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # copied to each device once: a host-to-GPU copy per batch would wait for the GPU on every step
+        cache = self.__dict__.setdefault("_device_stats", {})
+        if device not in cache:
+            cache[device] = (self.mean.to(device).view(-1, 1, 1), self.std.to(device).view(-1, 1, 1))
+        return cache[device]
 
 
 def data_fingerprint(classes, *tensors: torch.Tensor) -> str:
@@ -508,14 +514,41 @@ def load_imagefolder(root: str) -> ImageData:
     return data
 
 
-def load_data(dataset: str, data_root: str = "") -> ImageData:
+def load_data(dataset: str, data_root: str = "", train_per_class: int = 0, test_per_class: int = 0) -> ImageData:
+    """A data set by name; with train_per_class / test_per_class > 0 only the first that many images of
+    each class (a fixed, stratified subset: its content, and so its fingerprint, is the same every time)."""
     if dataset == "digits":
-        return load_digits()
-    if dataset == "cifar10":
-        return load_cifar10(data_root)
-    if dataset == "imagefolder":
-        return load_imagefolder(data_root)
-    raise UserError(f"unknown dataset '{dataset}'")
+        data = load_digits()
+    elif dataset == "cifar10":
+        data = load_cifar10(data_root)
+    elif dataset == "imagefolder":
+        data = load_imagefolder(data_root)
+    else:
+        raise UserError(f"unknown dataset '{dataset}'")
+    if not train_per_class and not test_per_class:
+        return data
+    train = first_per_class(data.train_y, train_per_class, data.num_classes)
+    test = first_per_class(data.test_y, test_per_class, data.num_classes)
+    return ImageData(data.name, data.classes, data.train_x[train], data.train_y[train], data.test_x[test],
+                     data.test_y[test])
+
+
+def first_per_class(y: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """Indices (sorted) of the first n samples of every class in y (N,); all of them when n is 0."""
+    if not n:
+        return torch.arange(len(y))
+    rank = torch.zeros_like(y)
+    for c in range(num_classes):  # position of each sample within its class
+        where = (y == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    return (rank < n).nonzero().flatten()
+
+
+def load_run_data(cfg) -> ImageData:
+    """The data a run (a TrainConfig or its saved dict) trains and is scored on."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
+    return load_data(get("dataset"), get("data_root", "") or "", int(get("train_per_class", 0) or 0),
+                     int(get("test_per_class", 0) or 0))
 
 
 def make_augment(kind: str, image_size: int, channels: int = 3, crop_padding: int = 4, hflip: bool = True,

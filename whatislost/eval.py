@@ -14,15 +14,22 @@ the checkpoint's and the data's content, so reruns skip them. A model whose outp
 finite is left out with a warning.
 
 Metrics (Corti et al. 2022): accuracy, PIEs (Hooker et al. 2019), Q-Score (Kalibhat et
-al. 2022), prediction depth (Baldock et al. 2021), UMAP of h. Output, default RUNS_DIR/eval:
+al. 2022), prediction depth (Baldock et al. 2021), UMAP of h. Statistics (whatislost.stats):
+95% bootstrap intervals resampling each population's models (PIE counts: the models of both
+populations), the tied samples and the PIE count under the other tie rule, per-class Welch
+tests of dense vs pruned recall (Hooker et al.), and a permutation test of "SCL has more PIEs
+than Sup"; warnings where the tie rule could change a conclusion. Output, default RUNS_DIR/eval:
 
-    summary.json                      every population's numbers, warnings, eval settings
-    tables/populations.csv            one row per population (all metrics, mean and std)
+    summary.json                      every population's numbers, warnings, eval and statistics settings, timing
+    tables/populations.csv            one row per population (all metrics: mean, std, <metric>_ci_low/_ci_high)
     tables/table1|4|5|6.{csv,md}      the paper's tables (whatislost.tables)
     tables/per_sample_<group>.csv     sample id, true label, per population: modal label, PIE, Q, PD
     tables/pie_per_class.csv, pie_overlap.csv   PIE counts by true class; Sup vs SCL PIE sets
-    figdata/umap_<group>.csv          UMAP coordinates (first model and population mean)
+    tables/class_recall_tests.csv     per pruned population and class: Welch t-test, p_value, p_adjusted, significant
+    tables/pie_comparison.csv         per (method, sparsity): Sup vs SCL PIE counts, permutation p_value, p_adjusted
+    figdata/umap_<group>.csv          UMAP coordinates (first model and population mean), aligned to the dense layout
     figdata/pie_images_<group>.npz    the test images of every PIE (for the gallery figure)
+    figdata/training_<group>.csv      every run's metrics.csv; layer_sparsity_<group>.csv: first runs' layer_sparsity.csv
     .whatislost-eval                  the files this eval (and its report) wrote (whatislost.evalfolder)
 
 Outputs are written to a staging folder and moved into place, summary.json last. An eval into a
@@ -35,9 +42,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
+import time
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +57,12 @@ import torch
 
 from .cli import UserError, first_line, run_cli
 from .config import resolve_device
-from .data import ImageData, load_data, make_augment
+from .data import ImageData, load_data, load_run_data, make_augment
 from .identity import DENSE, population_id, population_label, reference_id, run_identity
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
 from .rundir import CHECKPOINT, atomic_torch_save, find_runs, load_checkpoint, load_model
+from .stats import (adjust_p_values, bootstrap_ci, class_recall_tests, permutation_test_more_pies, pie_count_ci,
+                    pie_difference_ci, population_mean_ci, tie_report, ties_could_flip)
 from .tables import write_tables
 
 ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap")
@@ -293,27 +305,55 @@ def assign_references(pops: dict, log: list):
                   + (f", one of {len(found)} that qualify" if len(found) > 1 else ", matched by data set name only"), log)
 
 
-def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | None) -> dict:
-    """Population-level numbers (mean, std) for populations.csv / summary.json.
+def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | None, dense: Population | None = None,
+                   tie: dict | None = None, tie_break: str = "min", stats: dict | None = None,
+                   probes: str | None = None) -> dict:
+    """Population-level numbers for populations.csv / summary.json: means and stds, and with `stats` (n_boot > 0)
+    95% bootstrap intervals resampling the population's models (`<metric>_ci_low`, `<metric>_ci_high`).
 
-    pie: this population's PIE mask and tie count (pruned populations); pd_mask: the PIE set
-    that splits its PD-Scores into PIEs and non-PIEs (own PIEs, or for a dense population the
-    union of its loss's PIE sets)."""
+    pie: this population's PIE mask and tie count (pruned populations), with dense: its dense reference (for the
+    PIE count's interval, which resamples the models of both); tie: stats.tie_report of the pair (the count under
+    the other tie rule, bounds over any tie resolution); pd_mask: the PIE set that splits its PD-Scores into PIEs
+    and non-PIEs (own PIEs, or for a dense population the union of its loss's PIE sets)."""
     k = pop.key
     row = dict(dataset=k.dataset, model=k.model, loss=k.loss, method=k.method, sparsity=k.sparsity,
                population=k.label, population_id=k.population, n_models=len(pop.outputs), modal_tied=pop.modal_tied,
                reference=pop.reference.label if pop.reference else "", runs=[str(r[1]) for r in pop.runs])
+    if pop.data is not None:
+        row["n_test"] = len(pop.data.test_y)
+    n_boot = int((stats or {}).get("n_boot", 0))
+    kw = dict(n_boot=n_boot, level=stats.get("level", CI_LEVEL), seed=stats.get("seed", STATS_SEED)) if n_boot else None
     row["acc_mean"], row["acc_std"] = accuracy_mean_std(pop)
+    if kw:
+        row.update(bootstrap_ci([float(o["acc"]) for o in pop.outputs], **kw).columns("acc", scale=100.0))
     if pie is not None:
-        row["pie_count"], row["pie_tied"] = int(pie["mask"].sum()), pie["tied"]
+        row["pie_count"] = int(pie["mask"].sum())
+        if kw and dense is not None:
+            dense_preds = torch.stack([o["preds"] for o in dense.outputs])
+            pruned_preds = torch.stack([o["preds"] for o in pop.outputs])
+            row.update(pie_count_ci(dense_preds, pruned_preds, pop.data.num_classes, tie_break, **kw).columns("pie_count"))
+        row["pie_tied"] = pie["tied"]
+        if tie is not None:
+            row["pie_count_other"] = tie[f"pie_count_{other_rule(tie_break)}"]
+            row["pie_count_lower"], row["pie_count_upper"] = tie["pie_count_lower"], tie["pie_count_upper"]
+            row["pie_tie_warning"] = bool(tie["warn"])
     if pop.q is not None:
+        per_model = [q_score(o["h"]) for o in pop.outputs] if kw else None
         for name in ("q", "z", "l1"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(pop.q[name])
+            if kw:
+                row.update(population_mean_ci(torch.stack([q[name] for q in per_model]), **kw).columns(name))
         row["q_nan"] = int(torch.isnan(pop.q["q"]).sum())  # samples whose Q is NaN (a model's h had NaN/inf)
     if pop.depth is not None and pd_mask is not None:
         row["depth_models"] = pop.n_depth
-        row["pd_pie_mean"], row["pd_pie_std"] = mean_std(pop.depth[pd_mask])
-        row["pd_nonpie_mean"], row["pd_nonpie_std"] = mean_std(pop.depth[~pd_mask])
+        if probes:
+            row["n_probes"] = probe_count(pop, probes)
+        per_model_depth = torch.stack([o["depth"] for o in pop.outputs if "depth" in o]) if kw else None
+        for part, mask in (("pd_pie", pd_mask), ("pd_nonpie", ~pd_mask)):
+            row[f"{part}_mean"], row[f"{part}_std"] = mean_std(pop.depth[mask])
+            row[f"{part}_n"] = int(mask.sum())
+            if kw:
+                row.update(population_mean_ci(per_model_depth, mask, **kw).columns(part))
     return row
 
 
@@ -331,13 +371,30 @@ def accuracy_mean_std(pop: Population) -> tuple[float, float]:
     return 100.0 * sum(correct) / (len(correct) * total), std
 
 
-def umap_coordinates(h: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """(N, D) -> (N, 2) UMAP embedding (umap-learn; imported here: it costs ~20 s of numba start-up)."""
+def umap_coordinates(h: torch.Tensor, seed: int = 0, init: np.ndarray | None = None) -> np.ndarray:
+    """(N, D) -> (N, 2) UMAP embedding (umap-learn; imported here: it costs ~20 s of numba start-up).
+
+    With `init` (an (N, 2) layout of the same samples, e.g. the dense population's), the optimisation starts from
+    that layout and the result is then rotated, reflected, scaled and shifted onto it (`procrustes`), so panels of
+    one figure share a frame: a sample sits where it sat in the reference unless this representation moved it."""
     import umap
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(h.numpy())
+        if init is None:
+            return umap.UMAP(n_components=2, random_state=seed).fit_transform(h.numpy())
+        xy = umap.UMAP(n_components=2, random_state=seed, init=np.asarray(init, dtype=np.float32)).fit_transform(h.numpy())
+    return procrustes(xy, init)
+
+
+def procrustes(xy: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """xy rotated (or reflected), uniformly scaled and shifted to lie as close as possible to ref (least squares)."""
+    xy, ref = np.asarray(xy, np.float64), np.asarray(ref, np.float64)
+    a, b = xy - xy.mean(0), ref - ref.mean(0)
+    u, s, vt = np.linalg.svd(a.T @ b)
+    norm = float((a ** 2).sum())
+    scale = float(s.sum()) / norm if norm > 0 else 1.0
+    return a @ (u @ vt) * scale + ref.mean(0)
 
 
 # ---------------------------------------------------------------- the whole evaluation
@@ -399,10 +456,10 @@ def load_population_data(pop: Population, cache: dict, log: list) -> ImageData |
     """The population's own data, from where its first run was trained, checked against the fingerprint
     its runs recorded (None, with a warning, when it is missing or has changed since)."""
     cfg = pop.runs[0][2]
-    source = (cfg["dataset"], cfg.get("data_root", ""))
+    source = (cfg["dataset"], cfg.get("data_root", ""), cfg.get("train_per_class", 0), cfg.get("test_per_class", 0))
     if source not in cache:
         try:
-            cache[source] = load_data(*source)
+            cache[source] = load_run_data(cfg)
         except UserError as err:
             cache[source] = err
     data = cache[source]
@@ -419,11 +476,14 @@ def load_population_data(pop: Population, cache: dict, log: list) -> ImageData |
 
 def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models: int = 5, knn_k: int = 30,
              tie_break: str = "min", depth_reference: str = "label", report: bool = True, probes: str = "authors",
-             depth_train: str = "clean") -> Path:
+             depth_train: str = "clean", n_boot: int = 1000, n_perm: int = 10000, alpha: float = 0.05,
+             correction: str = "bh") -> Path:
     """Score every population under runs_dir; write tables, summary.json, figure data and the report;
-    return the eval dir."""
+    return the eval dir. n_boot: bootstrap resamples of each 95% interval (0: none); n_perm: permutations of the
+    Sup-vs-SCL PIE test; alpha, correction: significance level and multiple-testing correction of the tests."""
     metrics = tuple(metrics or ALL_METRICS)
     check_settings(metrics, depth_models, knn_k, device, probes, depth_train, tie_break, depth_reference)
+    check_stats(n_boot, n_perm, alpha, correction)
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise UserError(f"runs folder not found: {runs_dir}")
@@ -463,29 +523,42 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
         if unions:
             pd_masks[key] = torch.stack(unions).any(0)
 
-    rows = [population_row(pop, pies.get(key), pd_masks.get(key)) for key, pop in scored.items()]
-    import time
+    from .evalfolder import MARKER, atomic_write_text, commit_outputs, lingering_files, staged_outputs
 
-    from .evalfolder import MARKER, commit_outputs, lingering_files, staged_outputs
-
+    stats = dict(n_boot=n_boot, level=CI_LEVEL, seed=STATS_SEED, n_perm=n_perm, alpha=alpha, correction=correction)
+    timing: dict = {}
+    with timed("statistics", timing):
+        ties = {key: tie_report(*reference_preds(scored, key), scored[key].data.num_classes) for key in pies}
+        rows = [population_row(pop, pies.get(key), pd_masks.get(key), dense=scored.get(pop.reference), tie=ties.get(key),
+                               tie_break=tie_break, stats=stats, probes=probes)
+                for key, pop in progress(scored.items(), "intervals", "population", total=len(scored))]
+        recall_tests = class_tests(scored, pies, stats)
+        add_recall_counts(rows, recall_tests)
+        comparisons = pie_comparisons(scored, pies, ties, tie_break, stats)
+        warn_ties(scored, ties, comparisons, tie_break, log)
     warn_bad_values(scored, log)
-    populations = pd.DataFrame(rows)
+    populations = pd.DataFrame(rows, columns=ordered_columns(rows))
     summary = dict(runs_dir=str(runs_dir), settings=dict(metrics=list(metrics), depth_models=depth_models, knn_k=knn_k,
                                                           tie_break=tie_break, depth_reference=depth_reference, device=device,
                                                           probes=probes, depth_train=depth_train),
-                   populations=rows, warnings=log, models_scored=sum(len(p.outputs) for p in scored.values()),
-                   models_computed=n_computed, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                   statistics=stats, populations=rows, warnings=log,
+                   models_scored=sum(len(p.outputs) for p in scored.values()),
+                   models_computed=n_computed, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timing=timing)
     # everything is written into a staging folder inside `out`, then moved into place (summary.json last);
     # what an earlier eval wrote there and this one does not (its Table 6, figures, report) is removed
     with staged_outputs(out) as stage:
         for folder in (stage / "tables", stage / "figdata"):
             folder.mkdir()
-        populations.drop(columns=["runs"]).to_csv(stage / "tables" / "populations.csv", index=False)
-        write_per_sample(stage, scored, pies, "depth" in metrics)
-        write_pie_breakdowns(stage, scored, pies)
         if "umap" in metrics:
-            write_umap(stage, scored)
-        write_tables(populations, stage / "tables")
+            with timed("umap", timing):
+                write_umap(stage, scored, pies)
+        with timed("write", timing):
+            populations.drop(columns=["runs"]).to_csv(stage / "tables" / "populations.csv", index=False)
+            write_per_sample(stage, scored, pies, "depth" in metrics)
+            write_pie_breakdowns(stage, scored, pies)
+            write_significance(stage, recall_tests, comparisons)
+            write_training(stage, scored, log)
+            write_tables(populations, stage / "tables", tie_break)
         for rel in lingering_files(out, stage):
             _warn(f"{out / rel} was not written by whatislost-eval (not in {MARKER}) and is left as it is, "
                   "but the report may show it as part of this eval: move it away", log)
@@ -494,10 +567,235 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     if report:
         from .report import build_report  # matplotlib is imported only when figures are drawn
 
-        build_report(out)
+        with timed("report", timing):
+            build_report(out)
+        summary["timing"] = timing
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     print(f"scored {len(scored)} population(s), {summary['models_scored']} model(s) "
           f"({n_computed} computed, {summary['models_scored'] - n_computed} from cache) -> {out}")
+    print("time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timing.items()), file=sys.stderr)
     return out
+
+
+def ordered_columns(rows: list) -> list:
+    """Every key of the rows, each after the key it follows in the rows that have it (a dense population's row lacks
+    the PIE columns, which then still sit beside the accuracy, not at the end)."""
+    columns: list = []
+    for row in rows:
+        previous = None
+        for key in row:
+            if key not in columns:
+                columns.insert(columns.index(previous) + 1 if previous is not None else 0, key)
+            previous = key
+    return columns
+
+
+# ---------------------------------------------------------------- progress and timing
+def progress(iterable, desc: str, unit: str = "it", total: int | None = None):
+    """A tqdm bar on stderr for one stage of the eval, shown only when stderr is a terminal (tests and logs stay
+    clean) and removed when the stage ends."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"whatislost-eval: {desc}", unit=unit, total=total, file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+@contextmanager
+def timed(stage: str, timing: dict):
+    """Adds the seconds the block took to timing[stage] (summary.json 'timing')."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[stage] = round(timing.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+# ---------------------------------------------------------------- statistics
+CI_LEVEL = 0.95  # every interval the eval writes is a 95% bootstrap interval
+STATS_SEED = 0  # bootstrap resamples and permutations are drawn from numpy's default_rng(STATS_SEED): reproducible
+CORRECTIONS = ("bh", "holm", "bonferroni", "none")
+
+
+def check_stats(n_boot: int = 1000, n_perm: int = 10000, alpha: float = 0.05, correction: str = "bh"):
+    """UserError (one line) for statistics settings that cannot work; run_eval checks them before any model is loaded."""
+    for name, value, least in (("n_boot", n_boot, 0), ("n_perm", n_perm, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{name} must be a whole number >= {least}; got {value}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise UserError(f"alpha must be a number between 0 and 1; got {alpha}")
+    if correction not in CORRECTIONS:
+        raise UserError(f"correction must be one of {', '.join(CORRECTIONS)}; got '{correction}'")
+
+
+def other_rule(tie_break: str) -> str:
+    return "max" if tie_break == "min" else "min"
+
+
+def reference_preds(scored: dict, key: PopKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense predictions (M_d, N), pruned predictions (M_p, N)) of a pruned population and its dense reference."""
+    pop = scored[key]
+    return (torch.stack([o["preds"] for o in scored[pop.reference].outputs]),
+            torch.stack([o["preds"] for o in pop.outputs]))
+
+
+def probe_count(pop: Population, probes: str) -> int | None:
+    """How many prediction-depth probes the population's architecture has (the largest PD-Score possible)."""
+    from .models import Encoder
+
+    try:
+        cfg = pop.runs[0][2]
+        return Encoder(int(cfg["depth"]), int(cfg["widen"])).num_probes(probes)
+    except Exception:
+        return None
+
+
+RECALL_KEYS = ["dataset", "model", "population", "reference", "loss", "method", "sparsity"]
+
+
+def class_tests(scored: dict, pies: dict, stats: dict) -> pd.DataFrame:
+    """Per pruned population with PIEs and per class: Welch's t-test of its models' class recall against its dense
+    reference's (Hooker et al. 2019, each population's mean accuracy subtracted first, as their code does), p-values
+    corrected over the classes of the population (stats.class_recall_tests)."""
+    frames = []
+    for key in pies:
+        pop = scored[key]
+        dense_preds, pruned_preds = reference_preds(scored, key)
+        table = class_recall_tests(dense_preds, pruned_preds, pop.data.test_y, pop.data.num_classes, normalize=True,
+                                   alpha=stats["alpha"], correction=stats["correction"],
+                                   class_names=[str(c) for c in pop.data.classes])
+        table = table.rename(columns={"class": "cls"})
+        table.insert(2, "support", torch.bincount(pop.data.test_y, minlength=pop.data.num_classes).numpy())
+        for i, (name, value) in enumerate(zip(RECALL_KEYS, (key.dataset, key.model, key.label, pop.reference.label,
+                                                            key.loss, key.method, key.sparsity))):
+            table.insert(i, name, value)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def add_recall_counts(rows: list, tests: pd.DataFrame):
+    """recall_classes_down / _up in each pruned population's row: classes whose recall changed significantly."""
+    if tests.empty:
+        return
+    for row in rows:
+        mine = tests[(tests.dataset == row["dataset"]) & (tests.model == row["model"])
+                     & (tests.population == row["population"])]
+        if not mine.empty:
+            row["recall_classes_down"] = int((mine.significant & (mine.norm_diff < 0)).sum())
+            row["recall_classes_up"] = int((mine.significant & (mine.norm_diff > 0)).sum())
+
+
+def pie_comparisons(scored: dict, pies: dict, ties: dict, tie_break: str, stats: dict) -> pd.DataFrame:
+    """'SCL has more PIEs than Sup' at each (group, method, sparsity) with both: a paired permutation test on the
+    test samples (stats.permutation_test_more_pies, one-sided), its p-values corrected over the group's
+    comparisons, the same under the other tie rule, a bootstrap interval of the difference resampling the models
+    of all four populations, and whether the tie rule could reverse which loss has more PIEs."""
+    rows = []
+    other = other_rule(tie_break)
+    for key in sorted(pies, key=lambda k: (k.group, k.method, k.sparsity)):
+        partners = [k for k in pies if k.loss == "supcon" and (k.group, k.method, k.sparsity)
+                    == (key.group, key.method, key.sparsity)]
+        if key.loss != "ce" or len(partners) != 1:
+            continue
+        scl = partners[0]
+        (sup_d, sup_p), (scl_d, scl_p) = reference_preds(scored, key), reference_preds(scored, scl)
+        num_classes = scored[key].data.num_classes
+        test = permutation_test_more_pies(pies[key]["mask"], pies[scl]["mask"], n_perm=stats["n_perm"],
+                                          seed=stats["seed"])
+        test_other = permutation_test_more_pies(pie_mask(sup_d, sup_p, num_classes, other)[0],
+                                                pie_mask(scl_d, scl_p, num_classes, other)[0], n_perm=stats["n_perm"],
+                                                seed=stats["seed"])
+        row = dict(dataset=key.dataset, model=key.model, method=key.method, sparsity=key.sparsity,
+                   sup_population=key.label, scl_population=scl.label, n_sup=test.n_sup, n_scl=test.n_scl,
+                   sup_only=test.sup_only, scl_only=test.scl_only, n_discordant=test.n_discordant,
+                   diff=test.observed_diff, p_value=test.p_value, p_exact=test.p_exact, n_perm=test.n_perm)
+        if stats["n_boot"]:
+            ci = pie_difference_ci(sup_d, sup_p, scl_d, scl_p, num_classes, tie_break, n_boot=stats["n_boot"],
+                                   level=stats["level"], seed=stats["seed"])
+            row.update(ci.columns("diff"), p_boot_not_greater=ci.extra.get("p_not_greater", math.nan))
+        sup_tie, scl_tie = ties[key], ties[scl]
+        row.update(n_sup_other=test_other.n_sup, n_scl_other=test_other.n_scl, p_value_other=test_other.p_value,
+                   ties_could_flip=ties_could_flip(scl_tie["pie_count_min"], scl_tie["pie_count_max"],
+                                                   sup_tie["pie_count_min"], sup_tie["pie_count_max"]),
+                   ties_could_flip_any=ties_could_flip(scl_tie["pie_count_lower"], scl_tie["pie_count_upper"],
+                                                       sup_tie["pie_count_lower"], sup_tie["pie_count_upper"],
+                                                       conservative=True))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # one family of tests per (dataset, model): every method and sparsity compared there
+    for suffix in ("", "_other"):
+        adjusted = pd.Series(np.nan, index=frame.index)
+        for _, part in frame.groupby(["dataset", "model"], sort=False):
+            adjusted[part.index] = adjust_p_values(part[f"p_value{suffix}"].to_numpy(), stats["correction"])
+        frame[f"p_adjusted{suffix}"] = adjusted
+        frame[f"significant{suffix}"] = frame[f"p_adjusted{suffix}"] <= stats["alpha"]
+    frame["conclusion_depends_on_ties"] = frame.ties_could_flip | (frame.significant != frame.significant_other)
+    columns = [c for c in frame.columns if not c.endswith("_other") and c not in ("ties_could_flip", "ties_could_flip_any",
+                                                                                  "conclusion_depends_on_ties")]
+    return frame[columns + [c for c in frame.columns if c not in columns]]
+
+
+def warn_ties(scored: dict, ties: dict, comparisons: pd.DataFrame, tie_break: str, log: list):
+    """Warn where the rule that breaks tied modal labels (--tie-break) could change a conclusion: a PIE count that
+    moves by more than 5% under the other rule, a Sup-vs-SCL comparison whose winner or significance changes."""
+    other = other_rule(tie_break)
+    by_group = defaultdict(list)
+    for key, tie in ties.items():
+        if tie["warn"]:
+            by_group[key.group].append(f"{key.label} {tie[f'pie_count_{tie_break}']} -> {tie[f'pie_count_{other}']} "
+                                       f"({tie['n_tied']} of {len(scored[key].data.test_y)} samples tied)")
+    for group, items in by_group.items():
+        _warn(f"{group}: PIE counts change by more than 5% under --tie-break {other}: {'; '.join(items)}. Tied modal "
+              "labels are common with few models per population; more seeds make PIE counts firmer", log)
+    if comparisons.empty:
+        return
+    for r in comparisons[comparisons.conclusion_depends_on_ties].itertuples():
+        from .identity import method_name, sparsity_label
+
+        _warn(f"{r.dataset}-{r.model}: whether SCL has more PIEs than Sup at {method_name(r.method)} "
+              f"{sparsity_label(r.sparsity / 100)}% depends on the tie rule: Sup {r.n_sup} vs SCL {r.n_scl} with "
+              f"--tie-break {tie_break} (adjusted permutation p {r.p_adjusted:.3g}), Sup {r.n_sup_other} vs SCL "
+              f"{r.n_scl_other} with {other} (p {r.p_adjusted_other:.3g})", log)
+
+
+def write_significance(out: Path, recall_tests: pd.DataFrame, comparisons: pd.DataFrame):
+    """tables/class_recall_tests.csv and tables/pie_comparison.csv (written only when there is something in them)."""
+    if not recall_tests.empty:
+        recall_tests.to_csv(out / "tables" / "class_recall_tests.csv", index=False, float_format="%.6g")
+    if not comparisons.empty:
+        comparisons.to_csv(out / "tables" / "pie_comparison.csv", index=False, float_format="%.6g")
+
+
+TRAINING_COLUMNS = ["population", "seed", "run"]  # then the log's own columns
+
+
+def write_training(out: Path, scored: dict, log: list):
+    """figdata/training_<group>.csv: every run's metrics.csv (one row per stage and epoch: loss, train_acc, test_acc,
+    sparsity, lr, seconds) after its population (label, as in populations.csv), seed and run folder name;
+    figdata/layer_sparsity_<group>.csv: the layer_sparsity.csv of each population's first run (one column per
+    pruned tensor), likewise. The training-curve and layer-sparsity figures are drawn from these (and
+    populations.csv), so the report never reads the run folders."""
+    curves, layers, unreadable = defaultdict(list), defaultdict(list), []
+    for key, pop in scored.items():
+        for i, (seed, run_dir, _) in enumerate(pop.runs):
+            meta = dict(zip(TRAINING_COLUMNS, (key.label, seed, Path(run_dir).name)))
+            for name, into in (("metrics.csv", curves), ("layer_sparsity.csv", layers if i == 0 else None)):
+                if into is None:
+                    continue
+                try:
+                    table = pd.read_csv(Path(run_dir) / name)
+                except (OSError, ValueError, UnicodeDecodeError):
+                    unreadable.append(str(Path(run_dir) / name))
+                    continue
+                if {"stage", "epoch"} <= set(table.columns) and not table.empty and not set(meta) & set(table.columns):
+                    into[key.group].append(pd.concat([pd.DataFrame(meta, index=table.index), table], axis=1))
+    if unreadable:
+        _warn(f"{len(unreadable)} training log(s) missing or unreadable, left out of the training curves: "
+              f"{', '.join(unreadable[:3])}" + (" ..." if len(unreadable) > 3 else ""), log)
+    for name, frames in (("training", curves), ("layer_sparsity", layers)):
+        for group, parts in frames.items():
+            pd.concat(parts, ignore_index=True).to_csv(out / "figdata" / f"{name}_{group}.csv", index=False)
 
 
 def warn_bad_values(scored: dict, log: list):
@@ -566,16 +864,34 @@ def write_pie_breakdowns(out: Path, scored: dict, pies: dict):
     pd.DataFrame(overlap, columns=cols_ov).to_csv(out / "tables" / "pie_overlap.csv", index=False)
 
 
-def write_umap(out: Path, scored: dict):
-    """figdata/umap_<group>.csv: population, which (first model | population mean), sample_id, label, x, y."""
-    by_group = defaultdict(list)
-    for key, pop in scored.items():
+def write_umap(out: Path, scored: dict, pies: dict):
+    """figdata/umap_<group>.csv: population, loss, method, sparsity, which (first model | population mean),
+    aligned_to (the dense population whose layout it started from and was rotated onto), sample_id, label (true),
+    pred (the first model's prediction | the modal label), pie (a PIE of the population; for a dense population
+    a PIE of any population compared with it), x, y. Dense populations are fitted first, each pruned population
+    from its dense reference's layout (`umap_coordinates`)."""
+    order = [k for k in scored if scored[k].is_dense] + [k for k in scored if not scored[k].is_dense]
+    unions = defaultdict(list)
+    for key, pie in pies.items():
+        unions[scored[key].reference].append(pie["mask"])
+    layouts, by_group = {}, defaultdict(list)
+    for key, which in progress([(k, w) for k in order for w in ("first", "mean")], "UMAP", "fit"):
+        pop = scored[key]
+        h = pop.outputs[0]["h"] if which == "first" else torch.stack([o["h"] for o in pop.outputs]).mean(0)
+        ref = layouts.get((pop.reference, which)) if pop.reference is not None else None
+        xy = layouts[key, which] = umap_coordinates(h, init=ref)
         y = pop.data.test_y.numpy()
-        for which, h in (("first", pop.outputs[0]["h"]), ("mean", torch.stack([o["h"] for o in pop.outputs]).mean(0))):
-            xy = umap_coordinates(h)
-            by_group[key.group].append(pd.DataFrame(dict(population=key.label, loss=key.loss, method=key.method,
-                                                         sparsity=key.sparsity, which=which, sample_id=np.arange(len(y)),
-                                                         label=y, x=xy[:, 0], y=xy[:, 1])))
+        if key in pies:
+            pie = pies[key]["mask"]
+        elif unions.get(key):
+            pie = torch.stack(unions[key]).any(0)
+        else:
+            pie = torch.zeros(len(y), dtype=torch.bool)
+        pred = pop.outputs[0]["preds"] if which == "first" else pop.modal
+        by_group[key.group].append(pd.DataFrame(dict(
+            population=key.label, loss=key.loss, method=key.method, sparsity=key.sparsity, which=which,
+            aligned_to=pop.reference.label if ref is not None else "", sample_id=np.arange(len(y)), label=y,
+            pred=pred.numpy(), pie=pie.numpy().astype(int), x=xy[:, 0], y=xy[:, 1])))
     for group, frames in by_group.items():
         pd.concat(frames).to_csv(out / "figdata" / f"umap_{group}.csv", index=False, float_format="%.4f")
 
@@ -592,12 +908,12 @@ def check_knn_k(runs_dir: Path, knn_k: int):
     for run_dir in find_runs(runs_dir)[0]:
         try:
             cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-            sources.add((str(cfg["dataset"]), str(cfg.get("data_root") or "")))
+            sources.add((str(cfg["dataset"]), str(cfg.get("data_root") or ""), int(cfg.get("train_per_class") or 0)))
         except Exception:
             continue
     for source in sorted(sources):
         try:
-            n = len(load_data(*source).train_y)
+            n = len(load_data(source[0], source[1], source[2]).train_y)
         except Exception:
             continue
         if knn_k > n:
@@ -624,12 +940,21 @@ def main(argv=None) -> int:
     p.add_argument("--depth-train", dest="depth_train", default="clean", choices=DEPTH_TRAIN,
                    help="training images the depth kNN is fitted on: clean, or augmented once with the run's Sup "
                         "augmentation (the paper's code)")
+    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000,
+                   help="bootstrap resamples (of models, within each population) for the 95%% intervals of accuracy, "
+                        "PIE counts, Q-Score and PD-Score; 0: no intervals")
+    p.add_argument("--n-perm", dest="n_perm", type=int, default=10000,
+                   help="random permutations of the test of 'SCL has more PIEs than Sup'")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests (after correction)")
+    p.add_argument("--correction", default="bh", choices=CORRECTIONS,
+                   help="multiple-testing correction: bh (Benjamini-Hochberg), holm, bonferroni, none")
     p.add_argument("--no-report", action="store_true", help="tables and figure data only")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
     args = p.parse_args(argv)
     run_eval(args.runs_dir, args.out, args.device, tuple(m for m in args.metrics.split(",") if m), args.depth_models,
              args.knn_k, args.tie_break, args.depth_reference, report=not args.no_report, probes=args.probes,
-             depth_train=args.depth_train)
+             depth_train=args.depth_train, n_boot=args.n_boot, n_perm=args.n_perm, alpha=args.alpha,
+             correction=args.correction)
     return 0
 
 

@@ -72,10 +72,11 @@ def max_opset() -> int:
 
 # ---------------------------------------------------------------- inputs for the parity check
 @lru_cache(maxsize=4)  # --all: runs of one data set load it once
-def first_test_images(dataset: str, data_root: str, n: int = PARITY_IMAGES) -> tuple[torch.Tensor, list, list]:
+def first_test_images(dataset: str, data_root: str, train_per_class: int = 0, test_per_class: int = 0,
+                      n: int = PARITY_IMAGES) -> tuple[torch.Tensor, list, list]:
     """(first n test images (n, C, H, W) normalised as in training (ImageData.normalize), mean (C,), std (C,))."""
     try:
-        data = load_data(dataset, data_root)
+        data = load_data(dataset, data_root, train_per_class, test_per_class)
     except UserError as err:
         raise UserError(f"the parity check needs the run's test images, but {err} "
                         f"(point --data-root at them)") from None
@@ -86,7 +87,8 @@ def parity_images(ckpt: dict, data_root: str | None) -> tuple[torch.Tensor, list
     """first_test_images() of the run's data set (data_root: the config's unless given); UserError if they don't fit."""
     cfg = ckpt["config"]
     root = data_root or cfg["data_root"]
-    x, mean, std = first_test_images(cfg["dataset"], root)
+    x, mean, std = first_test_images(cfg["dataset"], root, int(cfg.get("train_per_class") or 0),
+                                     int(cfg.get("test_per_class") or 0))
     if x.shape[1] != ckpt["arch"]["in_channels"]:
         raise UserError(f"test images at {root} have {x.shape[1]} channels, "
                         f"the model expects {ckpt['arch']['in_channels']}")

@@ -27,9 +27,9 @@ METHOD_NAMES = {"dense": "Dense", "gmp": "GMP", "delta_gmp": "ΔGMP", "oneshot":
 DENSE = "dense"
 
 # TrainConfig keys that do not change the trained model (or are replaced by content: recipe, data_root)
-NOT_IDENTITY = ("seed", "out", "init", "threads", "device", "channels_last", "compile", "eval_every", "save_every", "loggers",
-                "sparsity_tolerance", "method", "data_root", "recipe", "recipe_vars", "linear_recipe",
-                "linear_recipe_vars")
+NOT_IDENTITY = ("seed", "out", "init", "threads", "device", "channels_last", "compile", "compile_mode", "eval_every",
+                "save_every", "loggers", "sparsity_tolerance", "method", "data_root", "recipe", "recipe_vars",
+                "linear_recipe", "linear_recipe_vars")
 # what a pruned population shares with its dense reference (everything but the pruning itself)
 PRUNING_ONLY = ("sparsity", "recipe_sha", "linear_recipe_sha", "init")
 

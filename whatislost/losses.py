@@ -35,6 +35,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     positives = (y[:, None] == y[None, :]) & ~self_mask
     n_pos = positives.sum(1)
     mean_log_prob_pos = log_prob.masked_fill(~positives, 0.0).sum(1) / n_pos.clamp_min(1)
-    has_pos = n_pos > 0
-    loss = -mean_log_prob_pos[has_pos].mean()
+    # a masked mean, not mean_log_prob_pos[has_pos]: boolean indexing would wait for the GPU every step
+    has_pos = (n_pos > 0).float()
+    loss = -(mean_log_prob_pos * has_pos).sum() / has_pos.sum().clamp_min(1)
     return loss if base_temperature is None else loss * (temperature / base_temperature)

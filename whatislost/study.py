@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .backends import DEFAULT_RUNS_PER_GPU, Job, LocalBackend, RayBackend, cpu_count, run_jobs
 from .cli import UserError, run_cli
 from .config import TrainConfig, apply_overrides, describe_keys, parse_overrides, resolve_device, validate
-from .data import load_data
+from .data import load_run_data
 from .identity import DENSE, population_id, run_hash, run_identity, study_run_name
 from .metrics import mean_std
 from .pruning import load_manager
@@ -136,11 +136,11 @@ def plan_runs(runs: list[Run]) -> dict:
 
     for run in runs:  # a dense run comes before the runs that start from it
         cfg = run.config
-        source = (cfg.dataset, cfg.data_root)
+        source = (cfg.dataset, cfg.data_root, cfg.train_per_class, cfg.test_per_class)
         if source not in data:
             if cfg.dataset != "digits" and not Path(cfg.data_root).exists():
                 raise UserError(f"data_root {cfg.data_root} does not exist (relative to {os.getcwd()})")
-            data[source] = load_data(*source).fingerprint
+            data[source] = load_run_data(cfg).fingerprint
         recipe = applied(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars,
                          run.population)
         linear = ""

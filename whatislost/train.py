@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .cli import UserError, first_line, run_cli
 from .config import TrainConfig, config_text, describe_keys, load_config, parse_overrides, resolve_device, validate
-from .data import BatchLoader, ImageData, load_data, make_augment
+from .data import BatchLoader, ImageData, load_run_data, make_augment
 from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
 from .models import WideResNet
@@ -111,7 +111,8 @@ class LRSchedule:
         unit = steps_per_epoch if per == "step" else 1
         self.schedulers = []
         if "multistep" in kind:
-            self.schedulers.append(torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * unit for m in milestones], gamma))
+            self.schedulers.append(torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(m * unit) for m in milestones],
+                                                                        gamma))
         if "cosine" in kind:
             self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * unit, 1), lr_min))
 
@@ -376,7 +377,7 @@ def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     linear_manager = None
     if cfg.loss == "supcon" and not cfg.init and cfg.linear_recipe and cfg.sparsity > 0 and cfg.linear_epochs:
         linear_manager = load_manager(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars)
-    data = data or load_data(cfg.dataset, cfg.data_root)
+    data = data or load_run_data(cfg)
     init_ckpt = check_init(cfg, data) if cfg.init else None
     identity = run_identity(cfg.to_dict(), str(manager), data.fingerprint, str(linear_manager or ""),
                             init_ckpt.get("population", "") if init_ckpt else "")
@@ -449,6 +450,8 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
         model.load_state_dict(plan.init_ckpt["state_dict"])
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: pick the fastest convolution kernels once
     if resume is not None:
         model.load_state_dict(resume["model"])
 
@@ -464,7 +467,8 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
         if not cfg.compile:
             return fn
         # the forward/backward is compiled; SparseML's mask updates and mask application stay eager
-        return torch.compile(fn, backend=os.environ.get("WHATISLOST_COMPILE_BACKEND", "inductor"))
+        backend = os.environ.get("WHATISLOST_COMPILE_BACKEND", "inductor")
+        return torch.compile(fn, backend=backend, mode=cfg.compile_mode if backend == "inductor" else None)
 
     def ce_step(views, y):
         logits = model(views[0])
