@@ -136,7 +136,7 @@ def test_report_cli_errors_are_exit_2(evaluated, tmp_path, capsys):
 
 def test_overview_and_significance_say_what_is_significant(evaluated):
     out, index = evaluated
-    page = html.unescape(index.read_text())
+    page = html.unescape(index.read_text()).replace("\xa0", " ")  # intervals are kept on one line
     pops = pd.read_csv(out / "tables" / "populations.csv").set_index("population")
     overview = page.split('id="overview"')[1].split('id="significance"')[0]
     for population in ("Sup/GMP/50", "Sup/One-Shot/50", "SCL/GMP/50"):

@@ -30,6 +30,7 @@ class TrainConfig:
     hflip: bool = True  # horizontal flips (off for digits, which are not mirror-symmetric)
     vflip: bool = False  # vertical flips in the crop augmentation (the authors' code has them; the paper does not list them)
     # model
+    arch: str = "wrn"  # wrn (WideResNet-depth-widen, the paper's) | resnet18 (CIFAR stem; depth and widen unused)
     depth: int = 16  # WideResNet depth, 6n+4 (paper: 16)
     widen: int = 2  # WideResNet width factor k (paper: 2)
     # training: one trainer, `loss` picks cross-entropy (Sup) or SupCon (SCL)
@@ -68,6 +69,7 @@ class TrainConfig:
     finetune_batch_size: int = 0  # One-Shot fine-tuning: batch size (0: batch_size)
     finetune_weight_decay: Optional[float] = None  # One-Shot fine-tuning: weight decay (null: weight_decay)
     finetune_lr_schedule: str = "cosine"  # One-Shot fine-tuning: learning-rate schedule
+    finetune_loss: str = "ce"  # One-Shot fine-tuning loss: ce (encoder + classifier, the paper's) | supcon (SCL: encoder + head with SupCon, then the linear stage)
     # pruning: a SparseML recipe and its variables
     recipe: str = "recipes/dense.yaml"  # SparseML recipe file, or a shipped recipe's name (gmp, delta_gmp, oneshot, ...)
     method: str = ""  # population name of the schedule; empty: the recipe file's stem (see method_name)
@@ -94,7 +96,9 @@ class TrainConfig:
 
     @property
     def model_name(self) -> str:
-        return f"wrn{self.depth}-{self.widen}"
+        from .models import model_label
+
+        return model_label(self)
 
     def run_name(self) -> str:
         from .identity import sparsity_label
@@ -112,6 +116,8 @@ CHOICES = {
     "lr_schedule": SCHEDULES,
     "linear_lr_schedule": SCHEDULES,
     "finetune_lr_schedule": SCHEDULES,
+    "finetune_loss": ("ce", "supcon"),
+    "arch": ("wrn", "resnet18"),
     "lr_step": ("step", "epoch"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "device": ("cpu", "cuda", "auto"),
@@ -254,10 +260,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"target sparsity must be in [0, 1); got {cfg.sparsity}")
     for key, low, high, low_ok in RANGES:
         _check_number(key, getattr(cfg, key), low, high, low_ok)
-    if (cfg.depth - 4) % 6 or cfg.depth < 10:
+    if cfg.arch == "wrn" and ((cfg.depth - 4) % 6 or cfg.depth < 10):
         raise UserError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...); got {cfg.depth}")
-    if cfg.widen < 1:
+    if cfg.arch == "wrn" and cfg.widen < 1:
         raise UserError(f"widen must be >= 1; got {cfg.widen}")
+    if cfg.finetune_loss == "supcon" and cfg.loss != "supcon":
+        raise UserError("finetune_loss supcon fine-tunes encoder + projection head with the SupCon loss: it needs "
+                        f"loss supcon (a {cfg.loss} model has no projection head)")
+    if cfg.init:  # a One-Shot run: its recipe may declare the fine-tuning loss it is written for
+        from .pruning import recipe_finetune_loss
+
+        declared = recipe_finetune_loss(cfg.recipe)
+        if declared and declared != cfg.finetune_loss:
+            raise UserError(f"recipe {cfg.recipe} is written for fine-tuning with {declared} (it declares finetune_loss): "
+                            f"set finetune_loss={declared}")
+        if cfg.finetune_loss == "supcon" and not cfg.linear_epochs:
+            raise UserError("finetune_loss supcon retrains the classifier on the pruned encoder: linear_epochs must be >= 1")
     for key in ("lr_milestones", "linear_lr_milestones"):
         values = getattr(cfg, key)
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0

@@ -40,7 +40,6 @@ eval folder is refused before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -60,7 +59,7 @@ from .config import resolve_device
 from .data import ImageData, load_data, load_run_data, make_augment
 from .identity import DENSE, population_id, population_label, reference_id, run_identity
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
-from .rundir import CHECKPOINT, atomic_torch_save, find_runs, load_checkpoint, load_model
+from .rundir import CHECKPOINT, atomic_torch_save, file_sha256, find_runs, load_checkpoint, load_model
 from .stats import (adjust_p_values, bootstrap_ci, class_recall_tests, permutation_test_more_pies, pie_count_ci,
                     pie_difference_ci, population_mean_ci, tie_report, ties_could_flip)
 from .tables import write_tables
@@ -133,14 +132,6 @@ def _warn(msg: str, log: list):
 
 
 # ---------------------------------------------------------------- per-model outputs (cached)
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, probes: str = "authors",
                  augment=None, batch_size: int = 1000):
@@ -180,10 +171,10 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
                   probes: str = "authors", depth_train: str = "clean", cfg: dict | None = None):
     """Test predictions and h of one model, plus its per-sample prediction depth when depth_key is given.
 
-    Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-1 and the data's fingerprint; depth is
+    Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-256 and the data's fingerprint; depth is
     cached per (k, reference, probes, training images) so changing one recomputes only that.
     """
-    sha = file_sha1(run_dir / CHECKPOINT)
+    sha = file_sha256(run_dir / CHECKPOINT)
     cache_path = run_dir / "eval_cache.pt"
     cache = {}
     if cache_path.exists():
@@ -191,7 +182,7 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             cache = torch.load(cache_path, weights_only=True)
         except Exception:
             cache = {}
-        if (not isinstance(cache, dict) or cache.get("sha1") != sha or cache.get("version") != CACHE_VERSION
+        if (not isinstance(cache, dict) or cache.get("checkpoint") != sha or cache.get("version") != CACHE_VERSION
                 or cache.get("data") != data.fingerprint):
             cache = {}
     need_test = "preds" not in cache
@@ -200,7 +191,7 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
     if computed:
         model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
         test = forward_pass(model, data.test_x, data, device, hidden=need_depth, probes=probes)
-        cache.update(sha1=sha, version=CACHE_VERSION, data=data.fingerprint, preds=test["preds"], h=test["h"],
+        cache.update(checkpoint=sha, version=CACHE_VERSION, data=data.fingerprint, preds=test["preds"], h=test["h"],
                      finite=test["finite"])
         if need_depth:
             augment = depth_augment(cfg or {}, data) if depth_train == "augmented" else None
@@ -404,7 +395,7 @@ def score_population(pop: Population, data: ImageData, device, metrics, depth_mo
     many models had to be computed (the rest came from the cache). A model whose logits or h are not
     finite is left out with a warning."""
     computed = 0
-    for i, (_, run_dir, cfg) in enumerate(pop.runs):
+    for i, (_, run_dir, cfg) in enumerate(progress(pop.runs, pop.key.label, "model")):
         depth_key = f"k{knn_k}-{reference}-{probes}-{depth_train}" if "depth" in metrics and i < depth_models else None
         try:
             o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg)
@@ -502,15 +493,18 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
 
     data_cache: dict = {}
     scored, n_computed = {}, 0
-    for key in sorted(pops, key=lambda k: (k.group, k.loss, k.method != DENSE, k.method, k.sparsity, k.population)):
-        pop = pops[key]
-        data = load_population_data(pop, data_cache, log)
-        if data is None:
-            continue
-        n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference, tie_break, log,
-                                       probes, depth_train)
-        if pop.outputs:
-            scored[key] = pop
+    timing: dict = {}
+    order = sorted(pops, key=lambda k: (k.group, k.loss, k.method != DENSE, k.method, k.sparsity, k.population))
+    with timed("scoring", timing):
+        for key in progress(order, "scoring", "population"):
+            pop = pops[key]
+            data = load_population_data(pop, data_cache, log)
+            if data is None:
+                continue
+            n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference,
+                                           tie_break, log, probes, depth_train)
+            if pop.outputs:
+                scored[key] = pop
     if not scored:
         raise UserError(f"nothing could be scored under {runs_dir} (see warnings above)")
 
@@ -526,7 +520,6 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     from .evalfolder import MARKER, atomic_write_text, commit_outputs, lingering_files, staged_outputs
 
     stats = dict(n_boot=n_boot, level=CI_LEVEL, seed=STATS_SEED, n_perm=n_perm, alpha=alpha, correction=correction)
-    timing: dict = {}
     with timed("statistics", timing):
         ties = {key: tie_report(*reference_preds(scored, key), scored[key].data.num_classes) for key in pies}
         rows = [population_row(pop, pies.get(key), pd_masks.get(key), dense=scored.get(pop.reference), tie=ties.get(key),

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .cli import UserError
+from .identity import loss_name
 from .tables import column_name, in_order, lookup
 
 # the paper's figure columns (Figs 2-5, 7); other (loss, method) pairs follow alphabetically
@@ -101,7 +102,8 @@ def read_figdata(eval_dir: Path, name: str, group: str, why: str) -> pd.DataFram
     populations.csv as `_loss`, `_method`, `_target` (rows of populations not in it left out)."""
     path = Path(eval_dir) / "figdata" / f"{name}_{group}.csv"
     if not path.is_file():
-        raise MissingData(f"{path.name} is missing: {why}")
+        raise MissingData(f"{path.name} is missing ({why}, or the eval folder is of an older whatislost: run "
+                          "whatislost-eval again)")
     frame = pd.read_csv(path)
     pops = load_populations(eval_dir)
     pops = pops[pops.group == group].drop_duplicates("population").set_index("population")
@@ -252,7 +254,7 @@ def umap_grid(eval_dir: Path, group: str, which: str = "first", colour: str = "t
             if s == 0 and j != first_of_loss[loss]:
                 for side in ax.spines.values():
                     side.set_visible(False)
-                ax.text(0.5, 0.5, f"{column_name(loss, 'dense')}:\nas in the first\n{column_name(loss, '')[:-1]} column",
+                ax.text(0.5, 0.5, f"{column_name(loss, 'dense')}:\nas in the first\n{loss_name(loss)} column",
                         ha="center", va="center", color="grey", fontsize=8, transform=ax.transAxes)
                 continue
             label = population_label(pops, loss, method, s)
@@ -282,6 +284,14 @@ def umap_grid(eval_dir: Path, group: str, which: str = "first", colour: str = "t
                  f"colour: {'predicted' if by == 'pred' else 'true'} class"
                  + ("; pruned layouts aligned to their dense population's" if aligned else ""))
     return save(fig, eval_dir, "umap", group)
+
+
+def _whole(value, default: int = 1) -> int:
+    """A positive whole number from a table cell (NaN, missing or < 1: default)."""
+    try:
+        return int(value) if value is not None and not pd.isna(value) and int(value) >= 1 else default
+    except (TypeError, ValueError):
+        return default
 
 
 def _lattice_jitter(values: pd.Series, step: float, rng) -> np.ndarray:
@@ -326,7 +336,7 @@ def dense_vs_pruned(eval_dir: Path, group: str, score: str, sparsity=None) -> li
         pie = samples[f"{row.population}:pie"].eq(1) if f"{row.population}:pie" in samples else \
             pd.Series(False, index=samples.index)
         if lattice:
-            k_dense, k_pruned = (max(1, int(getattr(r, "depth_models", 1) or 1)) for r in (dense, row))
+            k_dense, k_pruned = (_whole(getattr(r, "depth_models", None)) for r in (dense, row))
             x, y = (pd.Series(_lattice_jitter(v, 1 / k, rng), index=v.index) for v, k in ((x, k_dense), (y, k_pruned)))
             probes = getattr(row, "n_probes", None)
             span = f"1-{int(probes)}, " if probes is not None and not pd.isna(probes) else ""
@@ -440,8 +450,8 @@ def pies_per_class(eval_dir: Path, group: str) -> list:
     for loss in sorted(set(per_class.loss), key=lambda l: (l != "ce", l)):
         strong, light = loss_colours(loss)
         other = "SCL" if loss == "ce" else "Sup"
-        handles += [Patch(color=strong, label=f"{column_name(loss, '')[:-1]}, shared with {other}"),
-                    Patch(facecolor=light, edgecolor=strong, hatch="///", label=f"{column_name(loss, '')[:-1]}, unique")]
+        handles += [Patch(color=strong, label=f"{loss_name(loss)}, shared with {other}"),
+                    Patch(facecolor=light, edgecolor=strong, hatch="///", label=f"{loss_name(loss)}, unique")]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
     fig.suptitle(f"PIEs per true class, {group}")
     return save(fig, eval_dir, "pie_classes", group)

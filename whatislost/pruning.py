@@ -5,10 +5,18 @@ variables it declares, building its `ScheduledModifierManager` with those variab
 refusing modifiers the plain training loop cannot honour, naming the tensors it prunes,
 and measuring sparsity on the weights (never taken from the recipe).
 
-Recipes may declare two variables of their own that whatislost reads:
+Recipes may declare variables of their own that whatislost reads:
     from_dense: true      the recipe prunes a trained dense model (One-Shot style); the
                           run needs `init` = a finished dense run
     target_sparsity       the level the run is checked against (set by `--sparsity`)
+    sparsity_unit         what the target counts: `weights` (default: exact zeros over the pruned
+                          tensors) or `filters` / `channels` (structured recipes: whole output filters
+                          / input channels that are all zero, each pruned tensor within one of target)
+    finetune_loss         (from_dense recipes) the fine-tuning loss the recipe is written for, ce or
+                          supcon; the run's `finetune_loss` must agree
+
+Modifiers that score weights by gradients sampled outside the training step (OBS, M-FAC, RigL)
+get a gradient sampler from the trainer (`grad_sampler` in `manager.modify`; see train.grad_sampler).
 """
 from __future__ import annotations
 
@@ -26,12 +34,19 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # what a dense recipe is measured over: the tensors every shipped pruning recipe prunes
 PRUNABLE = ["re:^(encoder\\..*conv.*|classifier)\\.weight$"]
 
-# modifier families the loop honours; anything else (quantization, distillation, thinning,
-# OBS/M-FAC which need a gradient sampler) is refused before a run folder is written
+# modifier families the loop honours: every pruning modifier (those below with a gradient sampler the trainer
+# passes), epoch range, learning rate and weight decay; anything else (quantization, distillation, layer
+# thinning, TopKAST's forward/backward sparsity split) is refused before a run folder is written
 _HONOURED = ("EpochRangeModifier", "SetWeightDecayModifier", "SetLearningRateModifier",
              "LearningRateFunctionModifier", "LearningRateModifier")
-_NEEDS_MORE = ("OBSPruningModifier", "MFACPruningModifier", "TopKASTPruningModifier")
+_NEEDS_MORE = ("TopKASTPruningModifier",)
+# pruning modifiers that take `grad_sampler` (data_loader_builder + loss_function) in manager.modify
+GRAD_SAMPLED = ("OBSPruningModifier", "MFACPruningModifier", "RigLPruningModifier")
+# pruning modifiers whose masks must be in the default (contiguous) memory format: SparseML's M-FAC views them flat
+CONTIGUOUS_ONLY = ("MFACPruningModifier",)
 LR_MODIFIERS = ("SetLearningRateModifier", "LearningRateFunctionModifier", "LearningRateModifier")
+UNITS = ("weights", "filters", "channels")
+FINETUNE_LOSSES = ("ce", "supcon")
 
 
 def resolve_recipe(name: str) -> Path:
@@ -78,6 +93,23 @@ def recipe_from_dense(name: str) -> bool:
     return recipe_variables(name).get("from_dense") is True
 
 
+def recipe_unit(name: str) -> str:
+    """What the recipe's target sparsity counts (its `sparsity_unit` variable): weights (default), filters or channels."""
+    unit = recipe_variables(name).get("sparsity_unit", "weights")
+    if unit not in UNITS:
+        raise UserError(f"recipe {resolve_recipe(name).name}: sparsity_unit must be one of {', '.join(UNITS)}; got {unit!r}")
+    return unit
+
+
+def recipe_finetune_loss(name: str) -> str | None:
+    """The fine-tuning loss a from_dense recipe declares (`finetune_loss: supcon`), or None."""
+    loss = recipe_variables(name).get("finetune_loss")
+    if loss is not None and loss not in FINETUNE_LOSSES:
+        raise UserError(f"recipe {resolve_recipe(name).name}: finetune_loss must be one of {', '.join(FINETUNE_LOSSES)}; "
+                        f"got {loss!r}")
+    return loss
+
+
 def load_manager(recipe: str, num_epochs: float, sparsity: float, overrides: dict | None = None):
     """The recipe as a ScheduledModifierManager with num_epochs, target_sparsity and `overrides` set.
 
@@ -99,6 +131,7 @@ def load_manager(recipe: str, num_epochs: float, sparsity: float, overrides: dic
     except Exception as err:  # SparseML raises assorted types for bad recipes
         raise UserError(f"SparseML rejected recipe {path}: {first_line(err)}") from None
     check_honoured(manager, path)
+    check_unit(manager, path, recipe_unit(recipe))
     if pruning_patterns(manager) and "target_sparsity" not in declared:
         raise UserError(f"recipe {path.name} prunes but declares no target_sparsity variable")
     if not pruning_patterns(manager) and sparsity > 0:
@@ -115,6 +148,35 @@ def check_honoured(manager, path: Path):
         if name in _NEEDS_MORE or not (isinstance(mod, BasePruningModifier) or name in _HONOURED):
             raise UserError(f"recipe {path.name} uses {name}, which whatislost's training loop does not support "
                             f"(it runs pruning, epoch-range, learning-rate and weight-decay modifiers)")
+
+
+def check_unit(manager, path: Path, unit: str):
+    """A structured recipe must count what it prunes: every pruning modifier of a `filters` / `channels` recipe is a
+    StructuredPruningModifier of that mask type, and a StructuredPruningModifier declares its unit."""
+    from sparseml.pytorch.sparsification.pruning import StructuredPruningModifier
+    from sparseml.pytorch.sparsification.pruning.modifier_pruning_base import BasePruningModifier
+
+    want = {"filters": "filter", "channels": "channel"}.get(unit)
+    for mod in manager.modifiers:
+        if not isinstance(mod, BasePruningModifier):
+            continue
+        structured = mod.mask_type if isinstance(mod, StructuredPruningModifier) else None
+        if structured != want:
+            if structured:
+                raise UserError(f"recipe {path.name} prunes whole {structured}s: declare sparsity_unit: {structured}s "
+                                f"(the target counts {structured}s, not single weights)")
+            raise UserError(f"recipe {path.name} declares sparsity_unit: {unit}, but {type(mod).__name__} does not prune "
+                            f"whole {want}s (use StructuredPruningModifier with mask_type: {want})")
+
+
+def needs_grad_sampler(manager) -> bool:
+    """Whether a modifier of the recipe scores weights by sampled gradients (OBS, M-FAC, RigL)."""
+    return manager is not None and any(type(mod).__name__ in GRAD_SAMPLED for mod in manager.modifiers)
+
+
+def needs_contiguous(manager) -> bool:
+    """Whether the recipe's masks must be contiguous (then the trainer keeps the model out of channels_last)."""
+    return manager is not None and any(type(mod).__name__ in CONTIGUOUS_ONLY for mod in manager.modifiers)
 
 
 def sets_learning_rate(manager) -> bool:
@@ -147,6 +209,41 @@ def sparsity_report(tensors: dict) -> tuple[float, dict]:
     zeros = sum(int((p == 0).sum()) for p in tensors.values())
     total = sum(p.numel() for p in tensors.values())
     return (zeros / total if total else 0.0), layers
+
+
+def structure_report(tensors: dict, unit: str = "filters") -> tuple[float, dict]:
+    """(fraction of whole filters / input channels that are all zero over the given tensors,
+    {name: [removed, total]}); a filter is an output slice w[i], a channel an input slice w[:, j]."""
+    dim = 0 if unit == "filters" else 1
+    layers = {}
+    for name, p in tensors.items():
+        if p.dim() < 2:
+            continue  # a bias has no filters
+        nonzero = (p.detach() != 0).transpose(0, dim).reshape(p.shape[dim], -1).any(1)
+        layers[name] = [int((~nonzero).sum()), int(p.shape[dim])]
+    removed = sum(r for r, _ in layers.values())
+    total = sum(t for _, t in layers.values())
+    return (removed / total if total else 0.0), layers
+
+
+def measure(tensors: dict, unit: str = "weights") -> float:
+    """Overall sparsity of the tensors in the recipe's unit."""
+    return sparsity_report(tensors)[0] if unit == "weights" else structure_report(tensors, unit)[0]
+
+
+def off_target(tensors: dict, unit: str, target: float, tolerance: float) -> str:
+    """'' when the tensors reach `target` in `unit`, else what is off. weights: the overall fraction of exact zeros
+    within `tolerance`; filters / channels: every tensor within ONE filter (channel) of target x its count, the
+    finest a layer of n filters can get (1/n: 6.3 points for a 16-filter layer)."""
+    if unit == "weights":
+        overall = sparsity_report(tensors)[0]
+        return "" if abs(overall - target) <= tolerance else (f"sparsity {overall:.4f}, not the target {target:.4f} "
+                                                               f"(more than {tolerance * 100:.1f} points off)")
+    _, layers = structure_report(tensors, unit)
+    for name, (removed, total) in layers.items():
+        if abs(removed - target * total) > 1:
+            return f"{removed} of {total} {unit} removed in {name}, not {target * total:g} (more than one off)"
+    return ""
 
 
 LOGGERS = ("tensorboard", "wandb")  # opt-in: nothing is sent off the machine unless asked for

@@ -20,6 +20,7 @@ import base64
 import datetime
 import html
 import os
+import re
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -93,10 +94,15 @@ def html_table(df: pd.DataFrame, text_columns=()) -> str:
     """A plain table in a box that scrolls sideways when the table is wider than the page; columns named in
     text_columns are left-aligned."""
     def cells(values, tag):
-        return "".join(f'<{tag} class="text">{esc(v)}</{tag}>' if c in text_columns else f"<{tag}>{esc(v)}</{tag}>"
+        return "".join(f'<{tag} class="text">{esc(v)}</{tag}>' if c in text_columns else f"<{tag}>{keep_together(v)}</{tag}>"
                        for c, v in zip(df.columns, values))
     rows = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in df.itertuples(index=False))
     return f'<div class="scroll"><table><thead><tr>{cells(df.columns, "th")}</tr></thead><tbody>{rows}</tbody></table></div>'
+
+
+def keep_together(value) -> str:
+    """Escaped text whose intervals ('[72.44, 77.11]') do not break across lines in a narrow cell."""
+    return re.sub(r"\[[^\]]*\]", lambda m: m.group(0).replace(" ", "&nbsp;"), esc(value))
 
 
 def read_table(path: Path):

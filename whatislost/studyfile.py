@@ -41,14 +41,18 @@ class Method:
 class EvalSettings:
     """Arguments of whatislost.eval.run_eval (see `whatislost-eval --help`)."""
 
-    metrics: list | None = None  # None: every metric
-    depth_models: int = 5
-    knn_k: int = 30
-    device: str = "cpu"
+    metrics: list | None = None  # None: every metric (acc, pie, qscore, depth, umap)
+    depth_models: int = 5  # models per population used for prediction depth
+    knn_k: int = 30  # k of the prediction-depth kNN probes
+    device: str = "cpu"  # cpu | cuda | auto
     probes: str = "authors"  # authors (16 probes on WRN-16-2) | blocks (8)
     depth_train: str = "clean"  # clean | augmented: the training images the depth kNN is fitted on
-    tie_break: str = "min"
-    depth_reference: str = "label"
+    tie_break: str = "min"  # min | max: the class a tied modal label goes to
+    depth_reference: str = "label"  # label | prediction: what every probe must predict
+    n_boot: int = 1000  # bootstrap resamples of each 95% interval (0: none)
+    n_perm: int = 10000  # permutations of the Sup-vs-SCL PIE test
+    alpha: float = 0.05  # significance level of the tests
+    correction: str = "bh"  # multiple-testing correction: bh | holm | bonferroni | none
 
 
 @dataclass
@@ -158,12 +162,13 @@ def parse_eval(value, where: str) -> EvalSettings:
     if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
         raise UserError(f"{where}.metrics must be a list of metric names, got {metrics!r}")
     ev = apply_overrides(EvalSettings(metrics=metrics), values, where)
-    from .eval import check_settings  # the eval owns its settings' rules; checked here before anything trains
+    from .eval import check_settings, check_stats  # the eval owns its settings' rules; checked before anything trains
 
     try:
         check_settings(metrics=ev.metrics, depth_models=ev.depth_models, knn_k=ev.knn_k, device=ev.device,
                        probes=ev.probes, depth_train=ev.depth_train, tie_break=ev.tie_break,
                        depth_reference=ev.depth_reference)
+        check_stats(ev.n_boot, ev.n_perm, ev.alpha, ev.correction)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
     return ev

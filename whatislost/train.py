@@ -6,7 +6,9 @@
              features computed once or on augmented images every epoch (the authors'), and
              optionally pruned by its own recipe (`linear_recipe`; the authors prune it by GMP).
     --init   One-Shot: start from a finished dense run, fine-tune encoder + classifier with
-             cross-entropy under the recipe (which cuts to the target at the first step).
+             cross-entropy under the recipe (which cuts to the target at the first step); with
+             `finetune_loss: supcon` (SCL) fine-tune encoder + projection head with the SupCon
+             loss instead, then retrain the classifier on the frozen pruned encoder (stage linear).
 
 Each stage is a `Stage` run by `run_stage`: SGD, the stage's learning-rate schedule, and the
 recipe applied exactly as SparseML intends (`manager.modify(module, optimizer,
@@ -40,9 +42,10 @@ from .config import TrainConfig, config_text, describe_keys, load_config, parse_
 from .data import BatchLoader, ImageData, load_run_data, make_augment
 from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
-from .models import WideResNet
-from .pruning import (PRUNABLE, check_loggers, load_manager, named_tensors, pruning_patterns, recipe_from_dense,
-                      resolve_recipe, run_loggers, sets_learning_rate, sparsity_report)
+from .models import EncoderHead, arch_for, model_for
+from .pruning import (PRUNABLE, check_loggers, load_manager, measure, named_tensors, needs_contiguous, needs_grad_sampler,
+                      off_target, pruning_patterns, recipe_from_dense, recipe_unit,
+                      resolve_recipe, run_loggers, sets_learning_rate, sparsity_report, structure_report)
 from .rundir import (STATE, RunClaim, atomic_torch_save, atomic_write_text, clear_own_files, is_finished,
                      load_checkpoint, save_checkpoint, write_done)
 
@@ -57,8 +60,8 @@ class EpochLog:
 
     FIELDS = ["stage", "epoch", "loss", "train_acc", "test_acc", "sparsity", "lr", "seconds"]
 
-    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None, loggers=None):
-        self.tensors, self.loggers = tensors, loggers
+    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None, loggers=None, unit: str = "weights"):
+        self.tensors, self.loggers, self.unit = tensors, loggers, unit
         self.rows = rows or {"metrics": [], "layers": []}
         self.files = {"metrics": open(run_dir / "metrics.csv", "w", newline=""),
                       "layers": open(run_dir / "layer_sparsity.csv", "w", newline="")}
@@ -68,6 +71,8 @@ class EpochLog:
 
     def write(self, stage, epoch, loss, train_acc, test_acc, lr, seconds):
         overall, layers = sparsity_report(self.tensors)
+        if self.unit != "weights":  # a structured recipe's overall figure counts its own unit (filters)
+            overall = measure(self.tensors, self.unit)
         row = [stage, epoch, f"{loss:.5f}", _fmt(train_acc), _fmt(test_acc), f"{overall:.5f}", f"{lr:.6g}", f"{seconds:.2f}"]
         layer_row = [stage, epoch, *(f"{v:.5f}" for v in layers.values())]
         for name, r in (("metrics", row), ("layers", layer_row)):
@@ -182,6 +187,7 @@ class Stage:
     evaluate: Callable | None = None
     train_mode: Callable | None = None  # called at every epoch start (e.g. keep a frozen encoder in eval mode)
     logs_train_acc: bool = True
+    grad_sampler: dict | None = None  # SparseML's grad_sampler for OBS, M-FAC and RigL (see grad_sampler())
 
 
 class Checkpointer:
@@ -239,8 +245,9 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
     start, saved_masks = checkpointer.restore(index, stage, optimizer, schedule) if checkpointer else (0, None)
     stepper = optimizer
     if stage.manager is not None:
+        extra = {"grad_sampler": stage.grad_sampler} if needs_grad_sampler(stage.manager) else {}
         stepper = stage.manager.modify(stage.module, optimizer, steps_per_epoch=len(stage.loader),
-                                       loggers=loggers or run_loggers(run_dir), epoch=float(start))
+                                       loggers=loggers or run_loggers(run_dir), epoch=float(start), **extra)
         if saved_masks is not None:
             load_manager_state(stage.manager, saved_masks)
     show_bar = sys.stderr.isatty()
@@ -313,6 +320,39 @@ class FeatureLoader:
             yield [self.h[idx]], self.y[idx]
 
 
+class SampledBatches:
+    """What SparseML's GradSampler iterates: (forward args, forward kwargs, loss target) per batch, the views of a
+    batch concatenated (view-major) into one forward. Re-iterable: every pruning step draws afresh."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for views, y in self.loader:
+            yield [torch.cat(views) if len(views) > 1 else views[0]], {}, y
+
+
+def grad_sampler(make_loader: Callable, loss_function: Callable, batch_size: int) -> dict:
+    """SparseML's `grad_sampler` for modifiers that score weights by sampled gradients (OBS, M-FAC, RigL), passed as
+    `manager.modify(..., grad_sampler=...)`: {data_loader_builder, loss_function}.
+
+    data_loader_builder(kwargs) (OBS, M-FAC: the recipe's grad_sampler_kwargs as one dict; RigL: as keywords)
+    gives training batches of the stage's own augmentation, `batch_size` images each unless the recipe's
+    grad_sampler_kwargs set batch_size, from a loader with its own shuffling generator (the training order is
+    untouched). loss_function(module output, targets) is the stage's loss. GradSampler runs the stage's module
+    (in eval mode) on them between the training step's backward and its optimizer step, and zeroes the
+    gradients after: on a mask-update step the training batch's own update is skipped, as in SparseML's trainers.
+    """
+    def data_loader_builder(options=None, **kw):
+        options = {**(options or {}), **kw}
+        unknown = sorted(set(options) - {"batch_size"})
+        if unknown:
+            raise UserError(f"grad_sampler_kwargs: whatislost's gradient sampler takes batch_size only, not {unknown[0]!r}")
+        return SampledBatches(make_loader(int(options.get("batch_size") or batch_size)))
+
+    return {"data_loader_builder": data_loader_builder, "loss_function": loss_function}
+
+
 # ---------------------------------------------------------------- one run, end to end
 def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     """The checkpoint One-Shot starts from; UserError unless it is a finished dense run that fits."""
@@ -325,7 +365,10 @@ def check_init(cfg: TrainConfig, data: ImageData) -> dict:
         raise UserError(f"--init {cfg.init} is not a dense run (method {ckpt.get('method')}, sparsity {ckpt.get('sparsity')})")
     if ckpt.get("loss") != cfg.loss:
         raise UserError(f"--init {cfg.init} was trained with loss '{ckpt.get('loss')}', but loss is '{cfg.loss}'")
-    want = dict(depth=cfg.depth, widen=cfg.widen, in_channels=data.in_channels, num_classes=data.num_classes)
+    if cfg.finetune_loss == "supcon" and not isinstance(ckpt.get("head_state_dict"), dict):
+        raise UserError(f"--init {cfg.init} holds no projection head (SCL runs keep it since whatislost 0.x; this one is "
+                        f"older): finetune_loss supcon fine-tunes the dense run's head; retrain the dense run")
+    want = arch_for(cfg, data.in_channels, data.num_classes)
     if ckpt["arch"] != want or ckpt.get("dataset") != data.name:
         raise UserError(f"--init {cfg.init} is a {ckpt.get('dataset')} {ckpt['arch']} model, not {data.name} {want}")
     if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
@@ -364,6 +407,7 @@ class Plan:
     init_ckpt: dict | None = None
     identity: dict = field(default_factory=dict)
     key: str = ""
+    unit: str = "weights"  # what the recipe's target counts: weights, or filters / channels (structured)
 
 
 def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
@@ -374,15 +418,23 @@ def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     if recipe_from_dense(cfg.recipe) and not cfg.init:
         raise UserError(f"recipe {cfg.recipe} prunes a trained model (it declares from_dense): pass --init DENSE_RUN_DIR")
     manager = load_manager(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars)
+    unit = recipe_unit(cfg.recipe)
     linear_manager = None
+    # (the same rule as study.plan_runs: a One-Shot run's classifier, SupCon-fine-tuned or not, has no linear recipe)
     if cfg.loss == "supcon" and not cfg.init and cfg.linear_recipe and cfg.sparsity > 0 and cfg.linear_epochs:
         linear_manager = load_manager(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars)
+        if needs_grad_sampler(linear_manager):
+            raise UserError(f"linear_recipe {cfg.linear_recipe} samples gradients (OBS, M-FAC, RigL), which the linear "
+                            f"stage does not provide; use a magnitude recipe for the classifier")
+        if recipe_unit(cfg.linear_recipe) != unit:
+            raise UserError(f"linear_recipe {cfg.linear_recipe} counts sparsity in {recipe_unit(cfg.linear_recipe)}, the "
+                            f"recipe in {unit}: one run is checked in one unit")
     data = data or load_run_data(cfg)
     init_ckpt = check_init(cfg, data) if cfg.init else None
     identity = run_identity(cfg.to_dict(), str(manager), data.fingerprint, str(linear_manager or ""),
                             init_ckpt.get("population", "") if init_ckpt else "")
     return Plan(cfg, data, device, manager, linear_manager, init_ckpt, identity,
-                run_hash(identity, cfg.seed, cfg.method_name))
+                run_hash(identity, cfg.seed, cfg.method_name), unit)
 
 
 def read_resume(work_dir: Path, key: str) -> dict | None:
@@ -445,21 +497,34 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     supcon_stage = cfg.loss == "supcon" and not cfg.init
-    model = WideResNet(cfg.depth, cfg.widen, data.in_channels, data.num_classes, projection_head=supcon_stage)
-    if plan.init_ckpt is not None:
+    supcon_finetune = plan.init_ckpt is not None and cfg.finetune_loss == "supcon"
+    model = model_for(cfg, data.in_channels, data.num_classes, projection_head=supcon_stage or supcon_finetune)
+    if supcon_finetune:
+        # the dense encoder and its projection head; the classifier keeps this seed's fresh initialisation and is
+        # retrained on the pruned encoder in the linear stage, as an SCL classifier always is
+        state = {k: v for k, v in plan.init_ckpt["state_dict"].items() if not k.startswith("classifier.")}
+        state.update({f"head.{k}": v for k, v in plan.init_ckpt["head_state_dict"].items()})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise UserError(f"--init {cfg.init} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    elif plan.init_ckpt is not None:
         model.load_state_dict(plan.init_ckpt["state_dict"])
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    channels_last = cfg.channels_last and not needs_contiguous(plan.manager)
+    if cfg.channels_last and not channels_last:
+        log.info("channels_last off for this run: the recipe's M-FAC masks must be contiguous")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: pick the fastest convolution kernels once
     if resume is not None:
         model.load_state_dict(resume["model"])
 
-    def loader(split, augment, batch_size, n_views=1, shuffle=True, vflip=False):
+    def loader(split, augment, batch_size, n_views=1, shuffle=True, vflip=False, seed=None):
         x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
         aug = make_augment(augment, data.image_size, data.in_channels, cfg.crop_padding, cfg.hflip, vflip)
         return BatchLoader(x, y, data.normalize_unit, batch_size, device, shuffle=shuffle, drop_last=shuffle,
-                           augment=aug, n_views=n_views, channels_last=cfg.channels_last, seed=cfg.seed)
+                           augment=aug, n_views=n_views, channels_last=channels_last,
+                           seed=cfg.seed if seed is None else seed)
 
     test_loader = loader("test", "none", 512, shuffle=False)
 
@@ -474,45 +539,62 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
         logits = model(views[0])
         return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
 
-    def supcon_step(views, y):
-        z = model.head(model.encoder(torch.cat(views)))  # (V*B, D), view-major
-        return supcon_loss(z.view(len(views), len(y), -1).transpose(0, 1), y, cfg.temperature, cfg.base_temperature), None
+    def supcon_of(z, y):  # z (V*B, D), view-major
+        return supcon_loss(z.view(-1, len(y), z.shape[-1]).transpose(0, 1), y, cfg.temperature, cfg.base_temperature)
 
-    # every tensor any stage prunes, named as in the whole model, for logging and the final check; in SCL
-    # stage 1 the classifier is not there to be pruned (only the linear stage's recipe can prune it)
-    stage1 = nn.ModuleDict({"encoder": model.encoder, "head": model.head}) if supcon_stage else model
+    def supcon_step(views, y):
+        return supcon_of(model.head(model.encoder(torch.cat(views))), y), None
+
+    # every tensor any stage prunes, named as in the whole model, for logging and the final check; in SCL's
+    # contrastive stages the classifier is not there to be pruned (only the linear stage's recipe can prune it)
+    stage1 = EncoderHead(model.encoder, model.head) if supcon_stage or supcon_finetune else model
     patterns = pruning_patterns(plan.manager)
     pruned = named_tensors(stage1, patterns or PRUNABLE)
     if plan.linear_manager is not None:
         patterns = patterns + pruning_patterns(plan.linear_manager)
         pruned.update(named_tensors(nn.ModuleDict({"classifier": model.classifier}), pruning_patterns(plan.linear_manager)))
     sup_batches = lambda batch_size: loader("train", "sup", batch_size, vflip=cfg.vflip)  # noqa: E731
+    # gradient samplers (OBS, M-FAC, RigL): the stage's augmentation and loss, their own data order
+    sampler_seed = cfg.seed + 7919
+    ce_sampler = lambda batch_size: grad_sampler(  # noqa: E731
+        lambda bs: loader("train", "sup", bs, vflip=cfg.vflip, seed=sampler_seed), F.cross_entropy, batch_size)
+    supcon_sampler = lambda batch_size: grad_sampler(  # noqa: E731
+        lambda bs: loader("train", "scl", bs, n_views=2, seed=sampler_seed), supcon_of, batch_size)
     schedule = dict(kind=cfg.lr_schedule, per=cfg.lr_step, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma,
                     lr_min=cfg.lr_min)
     evaluate = lambda: accuracy(model, test_loader, cfg.bf16)  # noqa: E731
     # stages are built when they start: the linear stage needs the encoder its predecessor trained
     stages = []
-    if plan.init_ckpt is not None:  # One-Shot fine-tune: the whole network with cross-entropy
-        wd = cfg.weight_decay if cfg.finetune_weight_decay is None else cfg.finetune_weight_decay
-        stages.append(lambda: Stage("finetune", model, list(model.parameters()),
-                                    sup_batches(cfg.finetune_batch_size or cfg.batch_size), compiled(ce_step),
-                                    cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_nesterov, wd,
-                                    {**schedule, "kind": cfg.finetune_lr_schedule}, plan.manager, evaluate))
+    ft_batch = cfg.finetune_batch_size or cfg.batch_size
+    ft_wd = cfg.weight_decay if cfg.finetune_weight_decay is None else cfg.finetune_weight_decay
+    if supcon_finetune:  # representation-aware One-Shot: encoder + head with SupCon, then the classifier
+        stages.append(lambda: Stage("finetune", stage1, list(stage1.parameters()),
+                                    loader("train", "scl", ft_batch, n_views=2), compiled(supcon_step),
+                                    cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_nesterov, ft_wd,
+                                    {**schedule, "kind": cfg.finetune_lr_schedule}, plan.manager,
+                                    logs_train_acc=False, grad_sampler=supcon_sampler(ft_batch)))
+        stages.append(lambda: linear_stage(cfg, model, plan.linear_manager, sup_batches, loader, test_loader, compiled))
+    elif plan.init_ckpt is not None:  # One-Shot fine-tune: the whole network with cross-entropy
+        stages.append(lambda: Stage("finetune", model, list(model.parameters()), sup_batches(ft_batch), compiled(ce_step),
+                                    cfg.finetune_epochs, cfg.finetune_lr, cfg.finetune_nesterov, ft_wd,
+                                    {**schedule, "kind": cfg.finetune_lr_schedule}, plan.manager, evaluate,
+                                    grad_sampler=ce_sampler(ft_batch)))
     elif cfg.loss == "ce":
         stages.append(lambda: Stage("ce", model, list(model.parameters()), sup_batches(cfg.batch_size), compiled(ce_step),
-                                    cfg.epochs, cfg.lr, cfg.nesterov, cfg.weight_decay, schedule, plan.manager, evaluate))
+                                    cfg.epochs, cfg.lr, cfg.nesterov, cfg.weight_decay, schedule, plan.manager, evaluate,
+                                    grad_sampler=ce_sampler(cfg.batch_size)))
     else:
         # the module SparseML sees in stage 1: encoder and head (the classifier is trained after)
         stages.append(lambda: Stage("supcon", stage1, list(stage1.parameters()),
                                     loader("train", "scl", cfg.batch_size, n_views=2), compiled(supcon_step), cfg.epochs,
                                     cfg.lr, cfg.nesterov, cfg.weight_decay, schedule, plan.manager,
-                                    logs_train_acc=False))
+                                    logs_train_acc=False, grad_sampler=supcon_sampler(cfg.batch_size)))
         if cfg.linear_epochs:
             stages.append(lambda: linear_stage(cfg, model, plan.linear_manager, sup_batches, loader, test_loader,
                                                compiled))
 
     loggers = run_loggers(work, cfg.loggers, Path(cfg.out).name)
-    epoch_log = EpochLog(work, pruned, resume["rows"] if resume else None, loggers)
+    epoch_log = EpochLog(work, pruned, resume["rows"] if resume else None, loggers, plan.unit)
     checkpointer = Checkpointer(work, cfg.save_every, plan.key, model, epoch_log, resume)
     try:
         for index, build_stage in enumerate(stages):
@@ -522,20 +604,28 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
     finally:
         epoch_log.close()
 
+    # SCL checkpoints keep the projection head beside the model's state_dict (which stays encoder + classifier, what
+    # load_model, eval and export build): a representation-aware One-Shot run fine-tunes the dense run's head
+    head = None if model.head is None else {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     model.head = None
     if not all_finite(model.state_dict().values()):
         raise UserError(f"run {cfg.out}: the trained weights are not finite; lower the learning rate")
-    sparsity, layer_sparsity = sparsity_report(pruned)
-    if patterns and abs(sparsity - cfg.sparsity) > cfg.sparsity_tolerance:
-        raise UserError(f"run {cfg.out} reached sparsity {sparsity:.4f}, not the target {cfg.sparsity:.4f} "
-                        f"(more than {cfg.sparsity_tolerance * 100:.1f} points off): check the recipe's schedule")
+    weight_sparsity, layer_sparsity = sparsity_report(pruned)
+    sparsity = measure(pruned, plan.unit)  # in the recipe's unit: exact zeros, or whole filters (structured)
+    problem = off_target(pruned, plan.unit, cfg.sparsity, cfg.sparsity_tolerance) if patterns else ""
+    if problem:
+        raise UserError(f"run {cfg.out} reached {problem}: check the recipe's schedule")
     test_acc = accuracy(model, test_loader, cfg.bf16)
     population = population_id(plan.identity)
     meta = dict(config=cfg.to_dict(), config_hash=plan.key, recipe=str(plan.manager), method=cfg.method_name,
                 loss=cfg.loss, dataset=data.name, classes=list(data.classes), data_fingerprint=data.fingerprint,
                 target_sparsity=cfg.sparsity, sparsity=sparsity, layer_sparsity=layer_sparsity, test_acc=test_acc,
                 seed=cfg.seed, init=cfg.init, prunes=bool(patterns), identity=plan.identity, population=population,
-                linear_recipe=str(plan.linear_manager or ""))
+                linear_recipe=str(plan.linear_manager or ""), sparsity_unit=plan.unit)
+    if plan.unit != "weights":
+        meta.update(weight_sparsity=weight_sparsity, **{f"layer_{plan.unit}": structure_report(pruned, plan.unit)[1]})
+    if head is not None:
+        meta["head_state_dict"] = head
     sha = save_checkpoint(work, model, **meta)
     (work / STATE).unlink(missing_ok=True)
     info = dict(config_hash=plan.key, population=population, test_acc=test_acc, sparsity=sparsity, checkpoint_sha256=sha)
@@ -543,7 +633,7 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
     return info
 
 
-def linear_stage(cfg: TrainConfig, model: WideResNet, manager, sup_batches, loader, test_loader, compiled) -> Stage:
+def linear_stage(cfg: TrainConfig, model: nn.Module, manager, sup_batches, loader, test_loader, compiled) -> Stage:
     """SCL stage 2: the classifier on the frozen encoder (encoder in eval mode: its batch norms are frozen too).
 
     linear_augment: augmented training images through the encoder every step (the authors'
