@@ -180,6 +180,38 @@ def test_umap_shows_each_dense_population_once_and_highlights_pies(eval_dir, dra
     assert "colour: predicted class" in by_pred._suptitle.get_text()
 
 
+def test_cka_draws_one_line_per_pruned_population_per_sparsity_with_bands_and_baselines(eval_dir, drawn, tmp_path):
+    rows = []
+    for r in population_rows().itertuples():
+        for probe, dim in enumerate((16, 32, 32, 64), start=1):
+            mean = 1.0 - 0.05 * probe * (1 + r.sparsity / 50)
+            rows.append(dict(group=GROUP, dataset="toy", model="wrn10-1", loss=r.loss, method=r.method,
+                             sparsity=r.sparsity, population=r.population, reference=r.reference or r.population,
+                             probes="authors", probe=probe, probe_dim=dim, n_samples=N, n_models=3,
+                             n_reference_models=3, n_pairs=3 if r.method == "dense" else 9, cka_mean=mean,
+                             cka_std=0.01, cka_ci_low=mean - 0.02, cka_ci_high=mean + 0.02))
+    folder = Path(tmp_path)
+    (folder / "tables").mkdir()
+    with pytest.raises(figures.MissingData, match="add cka to whatislost-eval --metrics"):
+        figures.cka_by_probe(folder, GROUP)
+    pd.DataFrame(rows).to_csv(folder / "tables" / "cka.csv", index=False)
+    fig = figures.cka_by_probe(folder, GROUP)
+    (ax,) = fig.axes  # one sparsity: one panel
+    solid = [line for line in ax.get_lines() if line.get_linestyle() != ":"]
+    dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(solid) == 4 and len(dotted) == 2  # Sup/GMP, SCL/GMP, SCL/magic and its variant; two dense baselines
+    assert len({(line.get_marker(), line.get_linestyle()) for line in solid if line.get_color() == "#D55E00"}) == 3
+    assert all(list(line.get_xdata()) == [1, 2, 3, 4] for line in ax.get_lines())
+    assert len(ax.collections) == 4  # a 95% CI band per pruned population
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1\n16", "2\n32", "3\n32", "4\n64"]
+    assert ax.get_ylim()[1] == pytest.approx(1.01)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "Sup/Dense, seed to seed" in legend and "SCL/magic [3fa2c1]" in legend
+    pd.DataFrame([r for r in rows if r["method"] == "dense"]).to_csv(folder / "tables" / "cka.csv", index=False)
+    with pytest.raises(figures.MissingData, match="no pruned population"):
+        figures.cka_by_probe(folder, GROUP)
+
+
 # ---------------------------------------------------------------- tables
 def test_cells_give_intervals_ties_and_n():
     assert cell(82.995, 0.005) == "83.00±0.01"

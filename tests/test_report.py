@@ -41,7 +41,8 @@ def write_fake_umap(out: Path):
 def evaluated(tiny_populations, tmp_path_factory):
     """An eval folder of the tiny populations, with UMAP coordinates, and its report built once."""
     out = tmp_path_factory.mktemp("eval")
-    run_eval(tiny_populations, out, metrics=("acc", "pie", "qscore", "depth"), depth_models=2, knn_k=5, report=False)
+    run_eval(tiny_populations, out, metrics=("acc", "pie", "qscore", "depth", "cka"), depth_models=2, knn_k=5,
+             report=False)
     write_fake_umap(out)
     return out, build_report(out)
 
@@ -101,7 +102,7 @@ def test_missing_inputs_skip_their_figures_and_say_why(evaluated, tmp_path):
     assert re.search(r"PD-Score.*not drawn: .*prediction depth was not computed", page)
     drawn = sorted(p.name for p in (partial / "figures").glob("*.png"))
     assert drawn == sorted(f"{n}_{GROUP}.png" for n in ("acc_pies", "training_curves", "layer_sparsity", "qscore",
-                                                         "pie_classes", "pie_gallery"))
+                                                         "pie_classes", "pie_gallery", "cka"))
 
 
 def test_page_lists_the_study_and_every_reference_exists(evaluated):

@@ -598,3 +598,20 @@ class BatchLoader:
             views = [self.augment(images) if self.augment is not None else images for _ in range(self.n_views)]
             views = [self.normalize(v).contiguous(memory_format=self.memory_format) for v in views]
             yield views, self.y[idx]
+
+
+class FeatureLoader:
+    """Batches of precomputed features (N, D) and labels (N,), shuffled by its own generator."""
+
+    def __init__(self, h: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.h, self.y, self.batch_size = h, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return max(len(self.h) // self.batch_size, 1)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.h), generator=self.generator).to(self.h.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size] if b < len(self) - 1 else order[b * self.batch_size:]
+            yield [self.h[idx]], self.y[idx]

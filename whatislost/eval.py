@@ -14,7 +14,10 @@ the checkpoint's and the data's content, so reruns skip them. A model whose outp
 finite is left out with a warning.
 
 Metrics (Corti et al. 2022): accuracy, PIEs (Hooker et al. 2019), Q-Score (Kalibhat et
-al. 2022), prediction depth (Baldock et al. 2021), UMAP of h. Statistics (whatislost.stats):
+al. 2022), prediction depth (Baldock et al. 2021), UMAP of h; beyond the paper (not in the default
+metrics): `cka`, linear CKA (Kornblith et al. 2019) per probe between every model of each pruned
+population and every model of its dense reference, on a fixed subset of --cka-samples test images
+(and within each dense population, the seed-to-seed baseline). Statistics (whatislost.stats):
 95% bootstrap intervals resampling each population's models (PIE counts: the models of both
 populations), the tied samples and the PIE count under the other tie rule, per-class Welch
 tests of dense vs pruned recall (Hooker et al.), and a permutation test of "SCL has more PIEs
@@ -27,6 +30,7 @@ than Sup"; warnings where the tie rule could change a conclusion. Output, defaul
     tables/pie_per_class.csv, pie_overlap.csv   PIE counts by true class; Sup vs SCL PIE sets
     tables/class_recall_tests.csv     per pruned population and class: Welch t-test, p_value, p_adjusted, significant
     tables/pie_comparison.csv         per (method, sparsity): Sup vs SCL PIE counts, permutation p_value, p_adjusted
+    tables/cka.csv                    (cka) per population and probe: linear CKA with its dense reference, 95% CI
     figdata/umap_<group>.csv          UMAP coordinates (first model and population mean), aligned to the dense layout
     figdata/pie_images_<group>.npz    the test images of every PIE (for the gallery figure)
     figdata/training_<group>.csv      every run's metrics.csv; layer_sparsity_<group>.csv: first runs' layer_sparsity.csv
@@ -58,20 +62,24 @@ from .cli import UserError, first_line, run_cli
 from .config import resolve_device
 from .data import ImageData, load_data, load_run_data, make_augment
 from .identity import DENSE, population_id, population_label, reference_id, run_identity
-from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
+from .metrics import linear_cka_matrix, mean_std, modal_labels, pie_mask, prediction_depth, q_score
+from .models import model_label, num_probes
 from .rundir import CHECKPOINT, atomic_torch_save, file_sha256, find_runs, load_checkpoint, load_model
 from .stats import (adjust_p_values, bootstrap_ci, class_recall_tests, permutation_test_more_pies, pie_count_ci,
-                    pie_difference_ci, population_mean_ci, tie_report, ties_could_flip)
+                    pie_difference_ci, population_mean_ci, resample_weights, tie_report, ties_could_flip)
 from .tables import write_tables
 
-ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap")
+ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap", "cka")
+DEFAULT_METRICS = ("acc", "pie", "qscore", "depth", "umap")  # cka: asked for by name (beyond the paper)
+CKA_SAMPLES = 10000  # default --cka-samples: test images CKA is computed on (0: all); CIFAR's whole test set
 CACHE_VERSION = 2
 PROBE_LAYOUTS = ("authors", "blocks")  # models.Encoder.forward(probes=...)
 DEPTH_TRAIN = ("clean", "augmented")  # training images the depth kNN is fitted on
 
 
 def check_settings(metrics=None, depth_models: int = 5, knn_k: int = 30, device: str = "cpu", probes: str = "authors",
-                   depth_train: str = "clean", tie_break: str = "min", depth_reference: str = "label"):
+                   depth_train: str = "clean", tie_break: str = "min", depth_reference: str = "label",
+                   cka_samples: int = CKA_SAMPLES):
     """UserError (one line) for eval settings that cannot work; the study checks its eval block with this before
     anything trains, run_eval before any model is loaded."""
     unknown = sorted(set(metrics or ()) - set(ALL_METRICS))
@@ -81,6 +89,8 @@ def check_settings(metrics=None, depth_models: int = 5, knn_k: int = 30, device:
         raise UserError(f"depth_models must be a whole number >= 0; got {depth_models}")
     if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1:
         raise UserError(f"knn_k must be a whole number >= 1; got {knn_k}")
+    if isinstance(cka_samples, bool) or not isinstance(cka_samples, int) or cka_samples < 0:
+        raise UserError(f"cka_samples must be a whole number >= 0 (0: every test image); got {cka_samples}")
     for name, value, allowed in (("device", device, ("cpu", "cuda", "auto")), ("probes", probes, PROBE_LAYOUTS),
                                  ("depth_train", depth_train, DEPTH_TRAIN), ("tie_break", tie_break, ("min", "max")),
                                  ("depth_reference", depth_reference, ("label", "prediction"))):
@@ -112,7 +122,8 @@ class Population:
     key: PopKey
     identity: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)  # (seed, run dir, config), sorted by seed
-    outputs: list = field(default_factory=list)  # per scored model: dict(preds (N,), h (N, D), acc, depth (N,)?)
+    outputs: list = field(default_factory=list)  # per scored model: dict(preds (N,), h (N, D), acc, depth (N,)?,
+    #                                                probes [P x (n, D_p)]? with cka, dropped once its CKA is computed)
     data: ImageData | None = None
     modal: torch.Tensor | None = None  # (N,) modal predicted label
     modal_tied: int = 0
@@ -167,12 +178,24 @@ def depth_augment(cfg: dict, data: ImageData, seed: int = 0):
                         bool(cfg.get("hflip", True)), bool(cfg.get("vflip", False)), generator=generator)
 
 
+def cka_subset(n_test: int, n: int) -> torch.Tensor:
+    """Indices (sorted) of the test images CKA is computed on: every one when n is 0 or >= n_test, else n of them
+    drawn once with seed 0 (the same images for every model and population of a data set)."""
+    if n <= 0 or n >= n_test:
+        return torch.arange(n_test)
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
 def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None, knn_k: int, reference: str,
-                  probes: str = "authors", depth_train: str = "clean", cfg: dict | None = None):
-    """Test predictions and h of one model, plus its per-sample prediction depth when depth_key is given.
+                  probes: str = "authors", depth_train: str = "clean", cfg: dict | None = None,
+                  cka_index: torch.Tensor | None = None):
+    """Test predictions and h of one model, plus its per-sample prediction depth when depth_key is given, and
+    with cka_index (test-sample indices, `cka_subset`) its probe representations of those test images
+    (`probes`: P tensors (n, D_p), float32, on CPU).
 
     Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-256 and the data's fingerprint; depth is
-    cached per (k, reference, probes, training images) so changing one recomputes only that.
+    cached per (k, reference, probes, training images) and the CKA probes per (probe layout, subset size), so
+    changing one recomputes only that. A cache of an earlier version without CKA probes gains them.
     """
     sha = file_sha256(run_dir / CHECKPOINT)
     cache_path = run_dir / "eval_cache.pt"
@@ -187,12 +210,18 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             cache = {}
     need_test = "preds" not in cache
     need_depth = depth_key is not None and depth_key not in cache.get("depth", {})
-    computed = need_test or need_depth
-    if computed:
+    cka_key = f"{probes}-n{len(cka_index)}-seed0" if cka_index is not None else None
+    need_cka = cka_key is not None and cka_key not in cache.get("cka", {})
+    computed = need_test or need_depth or need_cka
+    if need_test or need_depth:
         model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
-        test = forward_pass(model, data.test_x, data, device, hidden=need_depth, probes=probes)
+        test = forward_pass(model, data.test_x, data, device, hidden=need_depth or need_cka, probes=probes)
         cache.update(checkpoint=sha, version=CACHE_VERSION, data=data.fingerprint, preds=test["preds"], h=test["h"],
                      finite=test["finite"])
+        if need_cka:
+            index = cka_index.to(test["hidden"][0].device)
+            cache.setdefault("cka", {})[cka_key] = [t[index].cpu() for t in test["hidden"]]
+            need_cka = False
         if need_depth:
             augment = depth_augment(cfg or {}, data) if depth_train == "augmented" else None
             train_hidden = forward_pass(model, data.train_x, data, device, hidden=True, probes=probes,
@@ -201,6 +230,11 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             depth = prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
                                      num_classes=data.num_classes, device=device)
             cache.setdefault("depth", {})[depth_key] = depth
+    if need_cka:  # the test outputs came from the cache: only the CKA images pass the model
+        model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
+        sub = forward_pass(model, data.test_x[cka_index], data, device, hidden=True, probes=probes)
+        cache.setdefault("cka", {})[cka_key] = [t.cpu() for t in sub["hidden"]]
+    if computed:
         try:
             atomic_torch_save(cache, cache_path)
         except OSError:
@@ -208,6 +242,8 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
     out = {"preds": cache["preds"], "h": cache["h"], "finite": cache.get("finite", True), "computed": computed}
     if depth_key is not None:
         out["depth"] = cache["depth"][depth_key].float()
+    if cka_key is not None:
+        out["probes"] = cache["cka"][cka_key]
     return out
 
 
@@ -235,7 +271,7 @@ def collect_populations(runs_dir: Path, log: list) -> dict:
             cfg, identity = ckpt["config"], checkpoint_identity(ckpt)
             dense = not ckpt.get("prunes", ckpt.get("method") != DENSE) and not ckpt.get("init")
             pop_id = ckpt.get("population") or population_id(identity)
-            fields = (ckpt["dataset"], f"wrn{cfg['depth']}-{cfg['widen']}", ckpt["loss"],
+            fields = (ckpt["dataset"], model_label(cfg), ckpt["loss"],
                       DENSE if dense else ckpt["method"], round(100 * float(ckpt["target_sparsity"]), 6))
         except Exception as err:
             _warn(f"cannot load checkpoint of {run_dir}: {first_line(err)}", log)
@@ -390,15 +426,18 @@ def procrustes(xy: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the whole evaluation
 def score_population(pop: Population, data: ImageData, device, metrics, depth_models, knn_k, reference,
-                     tie_break, log, probes: str = "authors", depth_train: str = "clean") -> int:
+                     tie_break, log, probes: str = "authors", depth_train: str = "clean",
+                     cka_samples: int = CKA_SAMPLES) -> int:
     """Per-model outputs (cached) and per-sample population values of one population; returns how
     many models had to be computed (the rest came from the cache). A model whose logits or h are not
-    finite is left out with a warning."""
+    finite is left out with a warning. With cka in metrics every model's outputs also hold its probe
+    representations of the `cka_subset` test images (`probes`)."""
     computed = 0
+    cka_index = cka_subset(len(data.test_y), cka_samples) if "cka" in metrics else None
     for i, (_, run_dir, cfg) in enumerate(progress(pop.runs, pop.key.label, "model")):
         depth_key = f"k{knn_k}-{reference}-{probes}-{depth_train}" if "depth" in metrics and i < depth_models else None
         try:
-            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg)
+            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg, cka_index)
         except Exception as err:  # one bad checkpoint must not stop the others
             _warn(f"run {run_dir} failed to score: {first_line(err)}", log)
             continue
@@ -443,6 +482,114 @@ def find_pies(scored: dict, tie_break: str, log: list) -> dict:
     return pies
 
 
+# ---------------------------------------------------------------- representation similarity (cka)
+CKA_COLUMNS = ["group", "dataset", "model", "loss", "method", "sparsity", "population", "reference", "probes", "probe",
+               "probe_dim", "n_samples", "n_models", "n_reference_models", "n_pairs", "cka_mean", "cka_std",
+               "cka_ci_low", "cka_ci_high"]
+
+
+def cka_matrices(pop: Population, ref: Population, device) -> np.ndarray:
+    """(P, M, M_ref) float64: linear CKA (metrics.linear_cka_matrix) of every model of `pop` against every model of
+    `ref` at each probe, from the models' `probes` representations, computed on `device`."""
+    num_probes = min(len(o["probes"]) for o in pop.outputs + ref.outputs)
+    per_probe = []
+    for p in range(num_probes):
+        xs = torch.stack([o["probes"][p] for o in pop.outputs])
+        ys = None if ref is pop else torch.stack([o["probes"][p] for o in ref.outputs])
+        per_probe.append(linear_cka_matrix(xs, ys, device=device).cpu().numpy())
+    return np.stack(per_probe)
+
+
+def cka_intervals(k: np.ndarray, within: bool, n_boot: int, level: float = 0.95, seed=0):
+    """Percentile bootstrap interval of the mean CKA at each probe, (low (P,), high (P,)), resampling models.
+
+    k: (P, A, B) CKA of A models against B models. Between two populations the A and the B models are resampled
+    independently and a replicate is the mean over all A x B pairs of the resamples (the same resamples at every
+    probe). Within one population (k: A x A, `within`) a replicate is the mean over the pairs of two different
+    models of the resample (copies of one model are not a pair); resamples of a single model are left out. NaN
+    without resamples, with fewer than 2 models a side (3 within: 2 models make one pair, no spread) or a NaN CKA."""
+    num_probes, num_a, num_b = k.shape
+    nan = np.full(num_probes, math.nan)
+    if not n_boot or num_a < (3 if within else 2) or num_b < (3 if within else 2) or not np.isfinite(k).all():
+        return nan, nan
+    rng = np.random.default_rng(seed)
+    w_a = resample_weights(num_a, n_boot, rng).astype(np.float64)
+    if within:
+        off = k.copy()
+        off[:, np.arange(num_a), np.arange(num_a)] = 0.0
+        pairs = num_a * num_a - (w_a ** 2).sum(axis=1)  # ordered pairs of different models in each resample
+        keep = pairs > 0
+        boot = np.einsum("ra,pab,rb->rp", w_a[keep], off, w_a[keep], optimize=True) / pairs[keep, None]
+    else:
+        w_b = resample_weights(num_b, n_boot, rng).astype(np.float64)
+        boot = np.einsum("ra,pab,rb->rp", w_a, k, w_b, optimize=True) / (num_a * num_b)
+    low, high = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
+    return low, high
+
+
+def cka_rows(pop: Population, ref: Population, device, stats: dict, probes: str, log: list) -> list[dict]:
+    """tables/cka.csv rows of one population, one per probe: the mean (and std) of the linear CKA over every pair
+    (model of pop, model of its dense reference) and its 95% bootstrap interval (`cka_intervals`). With ref = pop
+    (a dense population): the pairs of its different models, the seed-to-seed baseline."""
+    within = ref is pop
+    k = cka_matrices(pop, ref, device)
+    num_probes, num_a, num_b = k.shape
+    upper = np.triu_indices(num_a, 1)
+    pairs = k[:, upper[0], upper[1]] if within else k.reshape(num_probes, -1)
+    low, high = cka_intervals(k, within, int(stats.get("n_boot", 0)), stats.get("level", CI_LEVEL),
+                              stats.get("seed", STATS_SEED))
+    undefined = [str(p + 1) for p in range(num_probes) if np.isnan(pairs[p]).any()]
+    if undefined:
+        _warn(f"population {pop.key.label} ({pop.key.group}): linear CKA undefined (NaN) at probe(s) "
+              f"{', '.join(undefined)}: a model's representation there is constant over the test images or not "
+              "finite", log)
+    key = pop.key
+    rows = []
+    for p in range(num_probes):
+        mean, std = mean_std(torch.from_numpy(pairs[p]))
+        rows.append(dict(group=key.group, dataset=key.dataset, model=key.model, loss=key.loss, method=key.method,
+                         sparsity=key.sparsity, population=key.label, reference=ref.key.label, probes=probes,
+                         probe=p + 1, probe_dim=int(pop.outputs[0]["probes"][p].shape[1]),
+                         n_samples=int(pop.outputs[0]["probes"][p].shape[0]), n_models=num_a, n_reference_models=num_b,
+                         n_pairs=pairs.shape[1], cka_mean=mean, cka_std=std, cka_ci_low=float(low[p]),
+                         cka_ci_high=float(high[p])))
+    return rows
+
+
+def cka_step(pops: dict, scored: dict, visited: set, done: set, rows: list, device, stats: dict, probes: str,
+             log: list, final: bool = False):
+    """The CKA rows that can be computed now (called after each population is scored, and once at the end with
+    `final`): each pruned population against its dense reference once that is scored, each dense population's
+    seed-to-seed baseline (2+ models). Then drops the probe representations nothing still waits for, so that only
+    the dense populations of the current loss and one pruned population are held at a time (populations are scored
+    dense first). visited: the populations whose scoring was tried; done: those whose CKA is settled."""
+    for key, pop in scored.items():
+        if key in done:
+            continue
+        if pop.is_dense:
+            if len(pop.outputs) >= 2:
+                rows += cka_rows(pop, pop, device, stats, probes, log)
+        elif pop.reference in scored:
+            rows += cka_rows(pop, scored[pop.reference], device, stats, probes, log)
+        elif pop.reference is not None and pop.reference not in visited and not final:
+            continue  # its dense reference is still to be scored
+        elif pop.reference is not None:
+            _warn(f"population {key.label} ({key.group}): its dense reference {pop.reference.label} could not be "
+                  "scored: no CKA", log)
+        done.add(key)
+    waiting = {p.reference for k, p in pops.items()
+               if not p.is_dense and k not in done and (k not in visited or k in scored)}
+    for key, pop in scored.items():
+        if key in done and key not in waiting:
+            for o in pop.outputs:
+                o.pop("probes", None)
+
+
+def write_cka(out: Path, rows: list):
+    """tables/cka.csv (header only when no population could be compared)."""
+    pd.DataFrame(rows, columns=CKA_COLUMNS).to_csv(out / "tables" / "cka.csv", index=False, float_format="%.6g")
+
+
 def load_population_data(pop: Population, cache: dict, log: list) -> ImageData | None:
     """The population's own data, from where its first run was trained, checked against the fingerprint
     its runs recorded (None, with a warning, when it is missing or has changed since)."""
@@ -465,15 +612,16 @@ def load_population_data(pop: Population, cache: dict, log: list) -> ImageData |
     return data
 
 
-def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models: int = 5, knn_k: int = 30,
+def run_eval(runs_dir, out=None, device="cpu", metrics=DEFAULT_METRICS, depth_models: int = 5, knn_k: int = 30,
              tie_break: str = "min", depth_reference: str = "label", report: bool = True, probes: str = "authors",
              depth_train: str = "clean", n_boot: int = 1000, n_perm: int = 10000, alpha: float = 0.05,
-             correction: str = "bh") -> Path:
+             correction: str = "bh", cka_samples: int = CKA_SAMPLES) -> Path:
     """Score every population under runs_dir; write tables, summary.json, figure data and the report;
     return the eval dir. n_boot: bootstrap resamples of each 95% interval (0: none); n_perm: permutations of the
-    Sup-vs-SCL PIE test; alpha, correction: significance level and multiple-testing correction of the tests."""
-    metrics = tuple(metrics or ALL_METRICS)
-    check_settings(metrics, depth_models, knn_k, device, probes, depth_train, tie_break, depth_reference)
+    Sup-vs-SCL PIE test; alpha, correction: significance level and multiple-testing correction of the tests;
+    cka_samples: test images the cka metric uses (0: all)."""
+    metrics = tuple(metrics or DEFAULT_METRICS)
+    check_settings(metrics, depth_models, knn_k, device, probes, depth_train, tie_break, depth_reference, cka_samples)
     check_stats(n_boot, n_perm, alpha, correction)
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -494,17 +642,27 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     data_cache: dict = {}
     scored, n_computed = {}, 0
     timing: dict = {}
+    stats = dict(n_boot=n_boot, level=CI_LEVEL, seed=STATS_SEED, n_perm=n_perm, alpha=alpha, correction=correction)
+    cka, visited, cka_done = [], set(), set()  # tables/cka.csv rows, computed while the populations are scored
     order = sorted(pops, key=lambda k: (k.group, k.loss, k.method != DENSE, k.method, k.sparsity, k.population))
     with timed("scoring", timing):
         for key in progress(order, "scoring", "population"):
             pop = pops[key]
+            visited.add(key)
             data = load_population_data(pop, data_cache, log)
-            if data is None:
-                continue
-            n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference,
-                                           tie_break, log, probes, depth_train)
-            if pop.outputs:
-                scored[key] = pop
+            if data is not None:
+                n_computed += score_population(pop, data, device, metrics, depth_models, knn_k, depth_reference,
+                                               tie_break, log, probes, depth_train, cka_samples)
+                if pop.outputs:
+                    scored[key] = pop
+            if "cka" in metrics:
+                with timed("cka", timing):
+                    cka_step(pops, scored, visited, cka_done, cka, device, stats, probes, log)
+    if "cka" in metrics:  # CKA's forward passes count as scoring, its comparisons as cka
+        timing["scoring"] = round(timing["scoring"] - timing.get("cka", 0.0), 3)
+        timing["cka"] = timing.pop("cka", 0.0)  # listed after scoring
+        with timed("cka", timing):
+            cka_step(pops, scored, visited, cka_done, cka, device, stats, probes, log, final=True)
     if not scored:
         raise UserError(f"nothing could be scored under {runs_dir} (see warnings above)")
 
@@ -519,7 +677,6 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
 
     from .evalfolder import MARKER, atomic_write_text, commit_outputs, lingering_files, staged_outputs
 
-    stats = dict(n_boot=n_boot, level=CI_LEVEL, seed=STATS_SEED, n_perm=n_perm, alpha=alpha, correction=correction)
     with timed("statistics", timing):
         ties = {key: tie_report(*reference_preds(scored, key), scored[key].data.num_classes) for key in pies}
         rows = [population_row(pop, pies.get(key), pd_masks.get(key), dense=scored.get(pop.reference), tie=ties.get(key),
@@ -533,7 +690,8 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
     populations = pd.DataFrame(rows, columns=ordered_columns(rows))
     summary = dict(runs_dir=str(runs_dir), settings=dict(metrics=list(metrics), depth_models=depth_models, knn_k=knn_k,
                                                           tie_break=tie_break, depth_reference=depth_reference, device=device,
-                                                          probes=probes, depth_train=depth_train),
+                                                          probes=probes, depth_train=depth_train,
+                                                          **({"cka_samples": cka_samples} if "cka" in metrics else {})),
                    statistics=stats, populations=rows, warnings=log,
                    models_scored=sum(len(p.outputs) for p in scored.values()),
                    models_computed=n_computed, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"), timing=timing)
@@ -550,6 +708,8 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=ALL_METRICS, depth_models
             write_per_sample(stage, scored, pies, "depth" in metrics)
             write_pie_breakdowns(stage, scored, pies)
             write_significance(stage, recall_tests, comparisons)
+            if "cka" in metrics:
+                write_cka(stage, cka)
             write_training(stage, scored, log)
             write_tables(populations, stage / "tables", tie_break)
         for rel in lingering_files(out, stage):
@@ -633,11 +793,8 @@ def reference_preds(scored: dict, key: PopKey) -> tuple[torch.Tensor, torch.Tens
 
 def probe_count(pop: Population, probes: str) -> int | None:
     """How many prediction-depth probes the population's architecture has (the largest PD-Score possible)."""
-    from .models import Encoder
-
     try:
-        cfg = pop.runs[0][2]
-        return Encoder(int(cfg["depth"]), int(cfg["widen"])).num_probes(probes)
+        return num_probes(pop.runs[0][2], probes)
     except Exception:
         return None
 
@@ -921,7 +1078,8 @@ def main(argv=None) -> int:
     p.add_argument("runs_dir")
     p.add_argument("--out", help="output folder (default RUNS_DIR/eval)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated subset of {','.join(ALL_METRICS)}")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all but cka)")
     p.add_argument("--depth-models", type=int, default=5, help="models per population used for prediction depth")
     p.add_argument("--knn-k", type=int, default=30, help="k of the prediction-depth kNN probes")
     p.add_argument("--tie-break", default="min", choices=["min", "max"], help="class picked when the modal label is tied")
@@ -933,9 +1091,12 @@ def main(argv=None) -> int:
     p.add_argument("--depth-train", dest="depth_train", default="clean", choices=DEPTH_TRAIN,
                    help="training images the depth kNN is fitted on: clean, or augmented once with the run's Sup "
                         "augmentation (the paper's code)")
+    p.add_argument("--cka-samples", dest="cka_samples", type=int, default=CKA_SAMPLES,
+                   help="test images the cka metric compares representations on: all when the test set has no more, "
+                        "else a fixed subset (seed 0); 0: all")
     p.add_argument("--n-boot", dest="n_boot", type=int, default=1000,
                    help="bootstrap resamples (of models, within each population) for the 95%% intervals of accuracy, "
-                        "PIE counts, Q-Score and PD-Score; 0: no intervals")
+                        "PIE counts, Q-Score, PD-Score and CKA; 0: no intervals")
     p.add_argument("--n-perm", dest="n_perm", type=int, default=10000,
                    help="random permutations of the test of 'SCL has more PIEs than Sup'")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests (after correction)")
@@ -947,7 +1108,7 @@ def main(argv=None) -> int:
     run_eval(args.runs_dir, args.out, args.device, tuple(m for m in args.metrics.split(",") if m), args.depth_models,
              args.knn_k, args.tie_break, args.depth_reference, report=not args.no_report, probes=args.probes,
              depth_train=args.depth_train, n_boot=args.n_boot, n_perm=args.n_perm, alpha=args.alpha,
-             correction=args.correction)
+             correction=args.correction, cka_samples=args.cka_samples)
     return 0
 
 

@@ -4,7 +4,7 @@ whatislost-eval and whatislost-report write only these files (paths inside the e
 
     summary.json                                  report/index.html
     tables/populations.csv, pie_per_class.csv, pie_overlap.csv, per_sample_<group>.csv
-    tables/class_recall_tests.csv, pie_comparison.csv
+    tables/class_recall_tests.csv, pie_comparison.csv, cka.csv
     tables/table1|4|5|6.{csv,md}                  figdata/umap_<group>.csv, pie_images_<group>.npz
     figdata/training_<group>.csv, layer_sparsity_<group>.csv
     figures/<figure>_<group>.{png,pdf}            (figure: whatislost.figures.FIGURES)
@@ -50,7 +50,7 @@ def own_patterns() -> tuple[str, ...]:
 
     patterns = [SUMMARY, INDEX, "tables/populations.csv", "tables/pie_per_class.csv", "tables/pie_overlap.csv",
                 "tables/per_sample_*.csv", "tables/class_recall_tests.csv", "tables/pie_comparison.csv",
-                "figdata/umap_*.csv", "figdata/pie_images_*.npz", "figdata/training_*.csv", "figdata/layer_sparsity_*.csv"]
+                "tables/cka.csv", "figdata/umap_*.csv", "figdata/pie_images_*.npz", "figdata/training_*.csv", "figdata/layer_sparsity_*.csv"]
     patterns += [f"tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")]
     patterns += [f"figures/{name}_*.{ext}" for name, *_ in FIGURES for ext in ("png", "pdf")]
     return tuple(patterns)

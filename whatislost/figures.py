@@ -14,6 +14,7 @@ UMAP, no prediction depth, a single-model population without PIEs) the function 
     pdscore_<group>          PD-Score dense vs pruned (Fig 3)         tables/per_sample_<group>.csv, populations
     pie_classes_<group>      PIEs per class (Figs 4, 7)               tables/pie_per_class.csv, pie_overlap.csv
     pie_gallery_<group>      PIE images with their labels (Fig 6)     figdata/pie_images_<group>.npz, per_sample
+    cka_<group>              linear CKA with the dense models per probe tables/cka.csv (beyond the paper)
 
 Colours are the Okabe-Ito palette (colour-blind safe): one per loss; every method gets its own
 marker and line style (`method_styles`, generated for any method name), so series differ in
@@ -744,6 +745,64 @@ def layer_sparsity(eval_dir: Path, group: str) -> list:
     return save(fig, eval_dir, "layer_sparsity", group)
 
 
+def cka_by_probe(eval_dir: Path, group: str) -> list:
+    """Linear CKA between each pruned population's models and its dense reference's against probe depth
+    (tables/cka.csv), one panel per sparsity, one line per pruned population (colour: loss; marker and line style:
+    method) with its 95% interval as a band; thin dotted lines: each dense population's seed-to-seed CKA (pairs of
+    its own models), the similarity two dense models already have."""
+    path = Path(eval_dir) / "tables" / "cka.csv"
+    if not path.is_file():
+        raise MissingData("linear CKA was not computed (add cka to whatislost-eval --metrics)")
+    table = pd.read_csv(path)
+    table = table[table.group == group]
+    pruned = table[table.method != "dense"]
+    if pruned.empty:
+        raise MissingData("no pruned population with a scored dense reference has CKA values")
+    baseline = table[table.method == "dense"]
+    sparsities = sorted(pruned.sparsity.astype(float).unique())
+    columns = figure_columns(zip(pruned.loss, pruned.method))
+    styles = method_styles(m for _, m in columns)
+    fig = new_figure(max(5.0, 4.4 * len(sparsities)) + 2.6, 4.6)
+    axes = fig.subplots(1, len(sparsities), squeeze=False, sharey=True)[0]
+    lowest = 1.0
+    for ax, s in zip(axes, sparsities):
+        for loss, rows in baseline.groupby("loss", sort=True):
+            rows = rows.sort_values("probe")
+            ax.plot(rows.probe, rows.cka_mean, color=lighter(loss_colour(loss), 0.25), ls=":", lw=1.4,
+                    label=f"{column_name(loss, 'dense')}, seed to seed")
+            lowest = min(lowest, float(rows.cka_mean.min()))
+        for loss, method in columns:
+            rows = pruned[(pruned.loss == loss) & (pruned.method == method) & same_sparsity(pruned.sparsity, s)]
+            if rows.empty:
+                continue
+            rows = rows.sort_values("probe")
+            marker, style = styles[method]
+            ax.plot(rows.probe, rows.cka_mean, color=loss_colour(loss), marker=marker, ls=style, ms=4,
+                    label=column_name(loss, method))
+            if rows.cka_ci_low.notna().any():
+                ax.fill_between(rows.probe, rows.cka_ci_low, rows.cka_ci_high, color=loss_colour(loss), alpha=0.18,
+                                linewidth=0)
+            lowest = min(lowest, float(rows[["cka_mean", "cka_ci_low"]].min().min()))
+        probes = table.drop_duplicates("probe").sort_values("probe")
+        step = max(1, len(probes) // 16)  # at most 16 tick labels
+        ticks = probes.iloc[::step]
+        ax.set_xticks(ticks.probe, [f"{int(p)}\n{int(d)}" for p, d in zip(ticks.probe, ticks.probe_dim)], fontsize=8)
+        ax.set_xlabel("probe, input → output (below: its width)", fontsize=9)
+        ax.set_title(f"{pct(s)}% sparse")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("linear CKA with the dense population\n(mean over model pairs; band: 95% CI)", fontsize=9)
+    axes[0].set_ylim(max(0.0, lowest - 0.05), 1.01)
+    handles, labels = {}, {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, frameon=False)
+    n = table.n_samples.max() if "n_samples" in table else None
+    fig.suptitle(f"Representation similarity of pruned and dense models per probe (linear CKA), {group}"
+                 + (f"\n{int(n)} test images, probes: {table.probes.iloc[0]}" if n is not None and not pd.isna(n) else ""))
+    return save(fig, eval_dir, "cka", group)
+
+
 # (name, title, function, caption) in the order the report shows them
 FIGURES = [
     ("acc_pies", "Accuracy and PIEs against sparsity", accuracy_and_pies,
@@ -787,6 +846,14 @@ FIGURES = [
      "right and the dense one wrong, the reverse, and PIEs both get wrong (the first by sample id; each row says "
      "how many of how many). Under each image: its true label and the modal labels of the dense and the pruned "
      "population. Source: figdata/pie_images_<group>.npz, tables/per_sample_<group>.csv."),
+    ("cka", "Representation similarity, dense vs pruned (linear CKA)", cka_by_probe,
+     "Linear CKA (Kornblith et al. 2019; 1: the same representation up to rotation and scale) between the pooled "
+     "representation at each probe (the prediction-depth probes, input to output; the tick gives its width) of every "
+     "model of a pruned population and every model of its dense reference, on the same fixed test images; lines: "
+     "the mean over the model pairs, bands: 95% bootstrap intervals (the models of both populations resampled). "
+     "One panel per sparsity; colour: loss, marker and line style: method. Dotted: each dense population's CKA "
+     "between its own models (seed to seed), the similarity retraining alone leaves. Beyond the paper. "
+     "Source: tables/cka.csv."),
 ]
 
 

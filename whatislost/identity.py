@@ -23,7 +23,9 @@ import json
 
 LOSS_NAMES = {"ce": "Sup", "supcon": "SCL"}
 METHOD_NAMES = {"dense": "Dense", "gmp": "GMP", "delta_gmp": "ΔGMP", "oneshot": "One-Shot",
-                "gmp_global": "GMP (global)", "delta_gmp_global": "ΔGMP (global)"}
+                "gmp_global": "GMP (global)", "delta_gmp_global": "ΔGMP (global)",
+                "acdc": "AC-DC", "rigl": "RigL", "movement": "Movement", "filter": "Filter", "obs": "OBS",
+                "mfac": "M-FAC", "oneshot_supcon": "One-Shot (SupCon FT)"}
 DENSE = "dense"
 
 # TrainConfig keys that do not change the trained model (or are replaced by content: recipe, data_root)

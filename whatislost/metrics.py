@@ -7,6 +7,8 @@ Pure functions on torch tensors; nothing here loads models or data.
 * Q-Score: Kalibhat et al. 2022, as Corti et al. 2022 compute it (their Algorithm 1).
 * Prediction depth: Baldock, Maennel & Neyshabur 2021, "Deep learning through the
   lens of example difficulty", with k-NN probes (k=30, Euclidean).
+* Linear CKA: Kornblith, Norouzi, Lee & Hinton 2019, "Similarity of Neural Network
+  Representations Revisited" (beyond the paper: dense vs pruned representations per probe).
 
 Where the paper's text leaves a detail open, the authors' public code
 (FraCorti/Studying-the-impact-of-magnitude-pruning-on-contrastive-learning-methods)
@@ -27,6 +29,8 @@ __all__ = [
     "probe_predictions",
     "depth_from_probe_predictions",
     "prediction_depth",
+    "linear_cka",
+    "linear_cka_matrix",
     "mean_std",
     "format_mean_std",
 ]
@@ -423,6 +427,102 @@ def prediction_depth(
     preds = probe_predictions(train_hidden, train_labels, test_hidden, k=k, num_classes=num_classes, **knn_kwargs)
     depth = depth_from_probe_predictions(preds, reference.cpu(), convention)
     return (depth, preds) if return_probe_preds else depth
+
+
+# ------------------------------------------------------------------- linear CKA
+# Largest float64 block of cross products (A * D1 x B * D2 entries) linear_cka_matrix holds at once.
+CKA_BLOCK_BYTES = 256 * 2**20
+
+
+def _cka_prepare(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, N, D) representations -> (centred features scaled to unit Frobenius norm (A, N, D) float64,
+    ||X^T X||_F of the scaled features (A,)), on x's device. A representation that is constant over the
+    samples (nothing left after centring) or not finite gets NaN, so its CKA is NaN: undefined, and shown."""
+    x = x.to(torch.float64, copy=True)  # a copy: the in-place steps below never touch the caller's tensor
+    mean = x.mean(dim=1, keepdim=True)
+    bad = ~torch.isfinite(mean).all(dim=2).squeeze(1)  # a NaN/inf feature value makes its mean NaN/inf
+    if bad.any():  # (or a float64 sum that overflowed: those rows are checked value by value)
+        bad[bad.clone()] = ~torch.isfinite(x[bad]).flatten(1).all(dim=1)
+        mean[bad] = 0.0
+        x[bad] = 0.0
+    x.sub_(mean)  # centre first: CKA is defined on centred features
+    norm = torch.linalg.vector_norm(x, dim=(1, 2))
+    if not torch.isfinite(norm).all():  # float64 values near the overflow limit: scale by the largest first
+        peak = x.abs().flatten(1).amax(dim=1)
+        x.div_(torch.where(peak > 0, peak, 1.0)[:, None, None])
+        norm = torch.linalg.vector_norm(x, dim=(1, 2))
+    # unit Frobenius norm: CKA is invariant to isotropic scaling, and every product below stays in range
+    x.div_(torch.where(norm > 0, norm, 1.0)[:, None, None])
+    self_norm = torch.linalg.matrix_norm(x.mT @ x)  # ||X^T X||_F, in (0, 1] for a non-constant X
+    return x, torch.where(bad | (norm == 0), math.nan, self_norm)
+
+
+def _as_batch(x, name: str) -> torch.Tensor:
+    """(A, N, D) from an (A, N, D) tensor, one (N, D) tensor or a sequence of (N, D) tensors of one D."""
+    if isinstance(x, torch.Tensor):
+        x = x.unsqueeze(0) if x.dim() == 2 else x
+    else:
+        x = torch.stack(list(x))
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be (N, D) or (A, N, D) representations; got shape {tuple(x.shape)}")
+    return x
+
+
+def linear_cka_matrix(
+    xs,
+    ys=None,
+    device: Optional[torch.device | str] = None,
+    block_bytes: int = CKA_BLOCK_BYTES,
+) -> torch.Tensor:
+    """Linear CKA of every pair (a, b) of representations of the same N samples (Kornblith et al. 2019).
+
+        CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F),  X, Y centred over the samples,
+
+    the feature-space form of linear-kernel HSIC: no N x N Gram matrix is formed, so the cost is
+    N * D1 * D2 per pair and the memory does not grow with N^2. Computed in float64 on `device`: each
+    representation is centred, then scaled to unit Frobenius norm (CKA is invariant to isotropic scaling;
+    the scaling keeps every product in range), and the cross products of all pairs come from one matrix
+    product per block of at most ``block_bytes``. Known answers: CKA(X, X) = 1, CKA(X, c X Q + b) = 1 for
+    any orthogonal Q, scale c != 0 and shift b; symmetric; in [0, 1] (rounding is clipped).
+
+    Args:
+        xs: A representations, (A, N, D1) or a sequence of (N, D1) tensors (or one (N, D1)).
+        ys: B representations, (B, N, D2) likewise; None: xs against itself (diagonal 1).
+        device: where to compute; None keeps xs' device.
+
+    Returns:
+        (A, B) float64 tensor on `device`. NaN for a pair with a representation that is constant over the
+        samples (CKA undefined) or not finite.
+    """
+    xs = _as_batch(xs, "xs")
+    dev = torch.device(device) if device is not None else xs.device
+    x, x_norm = _cka_prepare(xs.to(dev))
+    if ys is None:
+        y, y_norm = x, x_norm
+    else:
+        ys = _as_batch(ys, "ys")
+        if ys.shape[1] != xs.shape[1]:
+            raise ValueError(f"xs and ys must hold the same samples; got N = {xs.shape[1]} and {ys.shape[1]}")
+        y, y_norm = _cka_prepare(ys.to(dev))
+    num_a, n, d1 = x.shape
+    num_b, _, d2 = y.shape
+    # (N, B * D2): every y side by side, so one product gives X_a^T Y_b for a block of a's and every b
+    y_wide = y.permute(1, 0, 2).reshape(n, num_b * d2)
+    rows = max(1, block_bytes // max(1, 8 * d1 * num_b * d2))
+    cross = torch.empty(num_a, num_b, dtype=torch.float64, device=dev)
+    for start in range(0, num_a, rows):
+        xa = x[start:start + rows]
+        prod = (xa.mT.reshape(-1, n) @ y_wide).view(len(xa), d1, num_b, d2)
+        cross[start:start + len(xa)] = prod.square().sum(dim=(1, 3))
+    return (cross / (x_norm[:, None] * y_norm[None, :])).clamp(0.0, 1.0)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, device: Optional[torch.device | str] = None) -> float:
+    """Linear CKA of two representations of the same N samples, x (N, D1) and y (N, D2): a float in [0, 1],
+    NaN when either is constant over the samples. See :func:`linear_cka_matrix`."""
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(f"need x (N, D1) and y (N, D2); got {tuple(x.shape)}, {tuple(y.shape)}")
+    return float(linear_cka_matrix(x, y, device=device)[0, 0])
 
 
 # ------------------------------------------------------------------- summaries

@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from .cli import UserError, first_line
@@ -34,9 +36,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # what a dense recipe is measured over: the tensors every shipped pruning recipe prunes
 PRUNABLE = ["re:^(encoder\\..*conv.*|classifier)\\.weight$"]
 
-# modifier families the loop honours: every pruning modifier (those below with a gradient sampler the trainer
-# passes), epoch range, learning rate and weight decay; anything else (quantization, distillation, layer
-# thinning, TopKAST's forward/backward sparsity split) is refused before a run folder is written
+# modifier families the loop honours: every pruning modifier (those in GRAD_SAMPLED with the gradient sampler the
+# trainer passes), epoch range, learning rate and weight decay; anything else (quantization, distillation, layer
+# removal, and TopKAST, whose forward mask lives in hooks while the stored weights stay dense until finalize, which
+# the loop's per-epoch measurement and resumable state do not see) is refused before a run folder is written
 _HONOURED = ("EpochRangeModifier", "SetWeightDecayModifier", "SetLearningRateModifier",
              "LearningRateFunctionModifier", "LearningRateModifier")
 _NEEDS_MORE = ("TopKASTPruningModifier",)
@@ -147,7 +150,8 @@ def check_honoured(manager, path: Path):
         name = type(mod).__name__
         if name in _NEEDS_MORE or not (isinstance(mod, BasePruningModifier) or name in _HONOURED):
             raise UserError(f"recipe {path.name} uses {name}, which whatislost's training loop does not support "
-                            f"(it runs pruning, epoch-range, learning-rate and weight-decay modifiers)")
+                            f"(it runs pruning modifiers but TopKAST, epoch-range, learning-rate and weight-decay "
+                            f"modifiers)")
 
 
 def check_unit(manager, path: Path, unit: str):
@@ -284,3 +288,66 @@ def run_loggers(run_dir: Path, extra: list = (), run_name: str = ""):
     if "wandb" in extra:
         loggers.append(WANDBLogger(init_kwargs={"dir": str(run_dir), "name": run_name or Path(run_dir).name}))
     return LoggerManager(loggers)
+
+
+# ---------------------------------------------------------------- resumable SparseML state
+_SKIP_ATTRS = {"_initialized", "_loggers_initialized", "_enabled"}
+
+
+def manager_state(manager) -> dict:
+    """SparseML's own state (the masks) plus each modifier's schedule position (started, last update,
+    applied sparsity, ...), which SparseML does not save, so that a resumed run updates its masks at
+    exactly the steps an uninterrupted run would."""
+    positions = []
+    for mod in manager.modifiers:
+        scalars = {k: v for k, v in vars(mod).items() if k.startswith("_") and k not in _SKIP_ATTRS
+                   and (v is None or isinstance(v, (bool, int, float)))}
+        masks = getattr(mod, "_module_masks", None)
+        if masks is not None:
+            scalars["__masks_enabled"] = bool(masks.enabled)
+        positions.append(scalars)
+    return {"masks": manager.state_dict(), "positions": positions}
+
+
+def load_manager_state(manager, state: dict):
+    manager.load_state_dict(state["masks"])
+    for mod, scalars in zip(manager.modifiers, state["positions"]):
+        for k, v in scalars.items():
+            if k == "__masks_enabled":
+                mod._module_masks.enabled = v
+            else:
+                setattr(mod, k, v)
+
+
+# ---------------------------------------------------------------- the gradient sampler (OBS, M-FAC, RigL)
+class SampledBatches:
+    """What SparseML's GradSampler iterates: (forward args, forward kwargs, loss target) per batch, the views of a
+    batch concatenated (view-major) into one forward. Re-iterable: every pruning step draws afresh."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for views, y in self.loader:
+            yield [torch.cat(views) if len(views) > 1 else views[0]], {}, y
+
+
+def grad_sampler(make_loader: Callable, loss_function: Callable, batch_size: int) -> dict:
+    """SparseML's `grad_sampler` for modifiers that score weights by sampled gradients (OBS, M-FAC, RigL), passed as
+    `manager.modify(..., grad_sampler=...)`: {data_loader_builder, loss_function}.
+
+    data_loader_builder(kwargs) (OBS, M-FAC: the recipe's grad_sampler_kwargs as one dict; RigL: as keywords)
+    gives training batches of the stage's own augmentation, `batch_size` images each unless the recipe's
+    grad_sampler_kwargs set batch_size, from a loader with its own shuffling generator (the training order is
+    untouched). loss_function(module output, targets) is the stage's loss. GradSampler runs the stage's module
+    (in eval mode) on them between the training step's backward and its optimizer step, and zeroes the
+    gradients after: on a mask-update step the training batch's own update is skipped, as in SparseML's trainers.
+    """
+    def data_loader_builder(options=None, **kw):
+        options = {**(options or {}), **kw}
+        unknown = sorted(set(options) - {"batch_size"})
+        if unknown:
+            raise UserError(f"grad_sampler_kwargs: whatislost's gradient sampler takes batch_size only, not {unknown[0]!r}")
+        return SampledBatches(make_loader(int(options.get("batch_size") or batch_size)))
+
+    return {"data_loader_builder": data_loader_builder, "loss_function": loss_function}

@@ -20,10 +20,12 @@ written to a temporary name and renamed.
 """
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,7 +34,10 @@ from pathlib import Path
 import torch
 
 from .cli import UserError, first_line
+from .pruning import measure, sparsity_report
 from .models import WideResNet, build_model
+
+log = logging.getLogger("whatislost")
 
 MARK = ".whatislost-run"
 LOCK = ".whatislost-lock"
@@ -265,3 +270,52 @@ def load_model(run_dir: str | Path) -> tuple[WideResNet, dict]:
     except (TypeError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {Path(run_dir) / CHECKPOINT} does not fit its architecture: {first_line(err)}") from None
     return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------- the per-epoch log
+class EpochLog:
+    """One CSV row per epoch in metrics.csv and layer_sparsity.csv, flushed at once, and the same figures
+    through the run's SparseML LoggerManager (its log file, TensorBoard or W&B when asked for); the rows
+    are kept so that a resumed run rewrites exactly the epochs it keeps."""
+
+    FIELDS = ["stage", "epoch", "loss", "train_acc", "test_acc", "sparsity", "lr", "seconds"]
+
+    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None, loggers=None, unit: str = "weights"):
+        self.tensors, self.loggers, self.unit = tensors, loggers, unit
+        self.rows = rows or {"metrics": [], "layers": []}
+        self.files = {"metrics": open(run_dir / "metrics.csv", "w", newline=""),
+                      "layers": open(run_dir / "layer_sparsity.csv", "w", newline="")}
+        csv.writer(self.files["metrics"]).writerows([self.FIELDS, *self.rows["metrics"]])
+        csv.writer(self.files["layers"]).writerows([["stage", "epoch", *tensors], *self.rows["layers"]])
+        self.flush()
+
+    def write(self, stage, epoch, loss, train_acc, test_acc, lr, seconds):
+        overall, layers = sparsity_report(self.tensors)
+        if self.unit != "weights":  # a structured recipe's overall figure counts its own unit (filters)
+            overall = measure(self.tensors, self.unit)
+        row = [stage, epoch, f"{loss:.5f}", _fmt(train_acc), _fmt(test_acc), f"{overall:.5f}", f"{lr:.6g}", f"{seconds:.2f}"]
+        layer_row = [stage, epoch, *(f"{v:.5f}" for v in layers.values())]
+        for name, r in (("metrics", row), ("layers", layer_row)):
+            self.rows[name].append(r)
+            csv.writer(self.files[name]).writerow(r)
+        self.flush()
+        if self.loggers is not None:
+            step = len(self.rows["metrics"])  # epochs so far, over all stages
+            values = {"loss": loss, "sparsity": overall, "lr": lr, "seconds": seconds}
+            values.update({k: v for k, v in (("train_acc", train_acc), ("test_acc", test_acc)) if v is not None})
+            self.loggers.log_scalars(f"whatislost/{stage}", values, step=step)
+            self.loggers.log_scalars("whatislost/layer_sparsity", layers, step=step)
+        log.info("%s epoch %d: loss %.4f train_acc %s test_acc %s sparsity %.4f lr %.4g (%.1fs)",
+                 stage, epoch, loss, _fmt(train_acc), _fmt(test_acc), overall, lr, seconds)
+
+    def flush(self):
+        for f in self.files.values():
+            f.flush()
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+def _fmt(x):
+    return "" if x is None else f"{x:.4f}"

@@ -42,6 +42,7 @@ from .data import load_run_data
 from .identity import DENSE, population_id, run_hash, run_identity, study_run_name
 from .metrics import mean_std
 from .pruning import load_manager
+from .train import prunes_linear_stage
 from .rundir import atomic_write_text, is_finished, read_done
 from .studyfile import EvalSettings, Study, load_study
 
@@ -144,7 +145,7 @@ def plan_runs(runs: list[Run]) -> dict:
         recipe = applied(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars,
                          run.population)
         linear = ""
-        if cfg.loss == "supcon" and not cfg.init and cfg.linear_recipe and cfg.sparsity > 0 and cfg.linear_epochs:
+        if prunes_linear_stage(cfg):
             linear = applied(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars, run.population)
         init_population = planned[run.dense].population if run.dense else ""
         identity = run_identity(cfg.to_dict(), recipe, data[source], linear, init_population)

@@ -22,7 +22,6 @@ sparsity is on target.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -39,66 +38,18 @@ from tqdm import tqdm
 
 from .cli import UserError, first_line, run_cli
 from .config import TrainConfig, config_text, describe_keys, load_config, parse_overrides, resolve_device, validate
-from .data import BatchLoader, ImageData, load_run_data, make_augment
+from .data import BatchLoader, FeatureLoader, ImageData, load_run_data, make_augment
 from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
 from .models import EncoderHead, arch_for, model_for
-from .pruning import (PRUNABLE, check_loggers, load_manager, measure, named_tensors, needs_contiguous, needs_grad_sampler,
-                      off_target, pruning_patterns, recipe_from_dense, recipe_unit,
-                      resolve_recipe, run_loggers, sets_learning_rate, sparsity_report, structure_report)
-from .rundir import (STATE, RunClaim, atomic_torch_save, atomic_write_text, clear_own_files, is_finished,
+from .pruning import (PRUNABLE, check_loggers, grad_sampler, load_manager, load_manager_state, manager_state, measure,
+                      named_tensors, needs_contiguous, needs_grad_sampler, off_target, pruning_patterns,
+                      recipe_from_dense, recipe_unit, resolve_recipe, run_loggers, sets_learning_rate, sparsity_report,
+                      structure_report)
+from .rundir import (STATE, EpochLog, RunClaim, atomic_torch_save, atomic_write_text, clear_own_files, is_finished,
                      load_checkpoint, save_checkpoint, write_done)
 
 log = logging.getLogger("whatislost")
-
-
-# ---------------------------------------------------------------- logging to the run dir
-class EpochLog:
-    """One CSV row per epoch in metrics.csv and layer_sparsity.csv, flushed at once, and the same figures
-    through the run's SparseML LoggerManager (its log file, TensorBoard or W&B when asked for); the rows
-    are kept so that a resumed run rewrites exactly the epochs it keeps."""
-
-    FIELDS = ["stage", "epoch", "loss", "train_acc", "test_acc", "sparsity", "lr", "seconds"]
-
-    def __init__(self, run_dir: Path, tensors: dict, rows: dict | None = None, loggers=None, unit: str = "weights"):
-        self.tensors, self.loggers, self.unit = tensors, loggers, unit
-        self.rows = rows or {"metrics": [], "layers": []}
-        self.files = {"metrics": open(run_dir / "metrics.csv", "w", newline=""),
-                      "layers": open(run_dir / "layer_sparsity.csv", "w", newline="")}
-        csv.writer(self.files["metrics"]).writerows([self.FIELDS, *self.rows["metrics"]])
-        csv.writer(self.files["layers"]).writerows([["stage", "epoch", *tensors], *self.rows["layers"]])
-        self.flush()
-
-    def write(self, stage, epoch, loss, train_acc, test_acc, lr, seconds):
-        overall, layers = sparsity_report(self.tensors)
-        if self.unit != "weights":  # a structured recipe's overall figure counts its own unit (filters)
-            overall = measure(self.tensors, self.unit)
-        row = [stage, epoch, f"{loss:.5f}", _fmt(train_acc), _fmt(test_acc), f"{overall:.5f}", f"{lr:.6g}", f"{seconds:.2f}"]
-        layer_row = [stage, epoch, *(f"{v:.5f}" for v in layers.values())]
-        for name, r in (("metrics", row), ("layers", layer_row)):
-            self.rows[name].append(r)
-            csv.writer(self.files[name]).writerow(r)
-        self.flush()
-        if self.loggers is not None:
-            step = len(self.rows["metrics"])  # epochs so far, over all stages
-            values = {"loss": loss, "sparsity": overall, "lr": lr, "seconds": seconds}
-            values.update({k: v for k, v in (("train_acc", train_acc), ("test_acc", test_acc)) if v is not None})
-            self.loggers.log_scalars(f"whatislost/{stage}", values, step=step)
-            self.loggers.log_scalars("whatislost/layer_sparsity", layers, step=step)
-        log.info("%s epoch %d: loss %.4f train_acc %s test_acc %s sparsity %.4f lr %.4g (%.1fs)",
-                 stage, epoch, loss, _fmt(train_acc), _fmt(test_acc), overall, lr, seconds)
-
-    def flush(self):
-        for f in self.files.values():
-            f.flush()
-
-    def close(self):
-        for f in self.files.values():
-            f.close()
-
-
-def _fmt(x):
-    return "" if x is None else f"{x:.4f}"
 
 
 # ---------------------------------------------------------------- learning-rate schedules
@@ -137,35 +88,6 @@ class LRSchedule:
     def load_state_dict(self, states):
         for s, state in zip(self.schedulers, states):
             s.load_state_dict(state)
-
-
-# ---------------------------------------------------------------- resumable SparseML state
-_SKIP_ATTRS = {"_initialized", "_loggers_initialized", "_enabled"}
-
-
-def manager_state(manager) -> dict:
-    """SparseML's own state (the masks) plus each modifier's schedule position (started, last update,
-    applied sparsity, ...), which SparseML does not save, so that a resumed run updates its masks at
-    exactly the steps an uninterrupted run would."""
-    positions = []
-    for mod in manager.modifiers:
-        scalars = {k: v for k, v in vars(mod).items() if k.startswith("_") and k not in _SKIP_ATTRS
-                   and (v is None or isinstance(v, (bool, int, float)))}
-        masks = getattr(mod, "_module_masks", None)
-        if masks is not None:
-            scalars["__masks_enabled"] = bool(masks.enabled)
-        positions.append(scalars)
-    return {"masks": manager.state_dict(), "positions": positions}
-
-
-def load_manager_state(manager, state: dict):
-    manager.load_state_dict(state["masks"])
-    for mod, scalars in zip(manager.modifiers, state["positions"]):
-        for k, v in scalars.items():
-            if k == "__masks_enabled":
-                mod._module_masks.enabled = v
-            else:
-                setattr(mod, k, v)
 
 
 # ---------------------------------------------------------------- the loop
@@ -303,56 +225,6 @@ def accuracy(model: nn.Module, loader, bf16: bool = False) -> float:
     return correct / max(total, 1)
 
 
-class FeatureLoader:
-    """Batches of precomputed features (N, D) and labels (N,), shuffled by its own generator."""
-
-    def __init__(self, h: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
-        self.h, self.y, self.batch_size = h, y, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self):
-        return max(len(self.h) // self.batch_size, 1)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.h), generator=self.generator).to(self.h.device)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size] if b < len(self) - 1 else order[b * self.batch_size:]
-            yield [self.h[idx]], self.y[idx]
-
-
-class SampledBatches:
-    """What SparseML's GradSampler iterates: (forward args, forward kwargs, loss target) per batch, the views of a
-    batch concatenated (view-major) into one forward. Re-iterable: every pruning step draws afresh."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        for views, y in self.loader:
-            yield [torch.cat(views) if len(views) > 1 else views[0]], {}, y
-
-
-def grad_sampler(make_loader: Callable, loss_function: Callable, batch_size: int) -> dict:
-    """SparseML's `grad_sampler` for modifiers that score weights by sampled gradients (OBS, M-FAC, RigL), passed as
-    `manager.modify(..., grad_sampler=...)`: {data_loader_builder, loss_function}.
-
-    data_loader_builder(kwargs) (OBS, M-FAC: the recipe's grad_sampler_kwargs as one dict; RigL: as keywords)
-    gives training batches of the stage's own augmentation, `batch_size` images each unless the recipe's
-    grad_sampler_kwargs set batch_size, from a loader with its own shuffling generator (the training order is
-    untouched). loss_function(module output, targets) is the stage's loss. GradSampler runs the stage's module
-    (in eval mode) on them between the training step's backward and its optimizer step, and zeroes the
-    gradients after: on a mask-update step the training batch's own update is skipped, as in SparseML's trainers.
-    """
-    def data_loader_builder(options=None, **kw):
-        options = {**(options or {}), **kw}
-        unknown = sorted(set(options) - {"batch_size"})
-        if unknown:
-            raise UserError(f"grad_sampler_kwargs: whatislost's gradient sampler takes batch_size only, not {unknown[0]!r}")
-        return SampledBatches(make_loader(int(options.get("batch_size") or batch_size)))
-
-    return {"data_loader_builder": data_loader_builder, "loss_function": loss_function}
-
-
 # ---------------------------------------------------------------- one run, end to end
 def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     """The checkpoint One-Shot starts from; UserError unless it is a finished dense run that fits."""
@@ -366,8 +238,8 @@ def check_init(cfg: TrainConfig, data: ImageData) -> dict:
     if ckpt.get("loss") != cfg.loss:
         raise UserError(f"--init {cfg.init} was trained with loss '{ckpt.get('loss')}', but loss is '{cfg.loss}'")
     if cfg.finetune_loss == "supcon" and not isinstance(ckpt.get("head_state_dict"), dict):
-        raise UserError(f"--init {cfg.init} holds no projection head (SCL runs keep it since whatislost 0.x; this one is "
-                        f"older): finetune_loss supcon fine-tunes the dense run's head; retrain the dense run")
+        raise UserError(f"--init {cfg.init} holds no projection head (a dense SCL run trained before checkpoints kept "
+                        f"it): finetune_loss supcon fine-tunes the dense run's head; retrain the dense run (--overwrite)")
     want = arch_for(cfg, data.in_channels, data.num_classes)
     if ckpt["arch"] != want or ckpt.get("dataset") != data.name:
         raise UserError(f"--init {cfg.init} is a {ckpt.get('dataset')} {ckpt['arch']} model, not {data.name} {want}")
@@ -410,6 +282,12 @@ class Plan:
     unit: str = "weights"  # what the recipe's target counts: weights, or filters / channels (structured)
 
 
+def prunes_linear_stage(cfg: TrainConfig) -> bool:
+    """Whether the SCL linear stage runs under `linear_recipe`: an SCL run trained from scratch, with a
+    linear stage and a target sparsity (the authors prune the classifier to the run's sparsity)."""
+    return cfg.loss == "supcon" and not cfg.init and bool(cfg.linear_recipe) and cfg.sparsity > 0 and cfg.linear_epochs > 0
+
+
 def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     """Validate a run completely (settings, recipes, data, --init) without writing anything."""
     validate(cfg)
@@ -421,7 +299,7 @@ def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     unit = recipe_unit(cfg.recipe)
     linear_manager = None
     # (the same rule as study.plan_runs: a One-Shot run's classifier, SupCon-fine-tuned or not, has no linear recipe)
-    if cfg.loss == "supcon" and not cfg.init and cfg.linear_recipe and cfg.sparsity > 0 and cfg.linear_epochs:
+    if prunes_linear_stage(cfg):
         linear_manager = load_manager(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars)
         if needs_grad_sampler(linear_manager):
             raise UserError(f"linear_recipe {cfg.linear_recipe} samples gradients (OBS, M-FAC, RigL), which the linear "
