@@ -281,7 +281,7 @@ def test_eval_gets_the_studys_settings_and_the_report_path_is_printed(tiny_study
     assert code == 0
     assert calls == [dict(runs_dir=out / "runs", out=out / "eval", device="cpu", metrics=["pie"], depth_models=5,
                           knn_k=7, tie_break="min", depth_reference="label", probes="blocks", depth_train="clean",
-                          n_boot=1000, n_perm=10000, alpha=0.05, correction="bh")]
+                          n_boot=1000, n_perm=10000, alpha=0.05, correction="bh", cka_samples=10000)]
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "eval" / "report" / "index.html")
 
 

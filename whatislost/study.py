@@ -278,7 +278,8 @@ def evaluate(study: Study, out: Path) -> Path:
     eval_dir = run_eval(out / "runs", out=out / "eval", device=resolve_device(ev.device).type,
                         metrics=ev.metrics, depth_models=ev.depth_models, knn_k=ev.knn_k, tie_break=ev.tie_break,
                         depth_reference=ev.depth_reference, probes=ev.probes, depth_train=ev.depth_train,
-                        n_boot=ev.n_boot, n_perm=ev.n_perm, alpha=ev.alpha, correction=ev.correction)
+                        n_boot=ev.n_boot, n_perm=ev.n_perm, alpha=ev.alpha, correction=ev.correction,
+                        cka_samples=ev.cka_samples)
     return Path(eval_dir) / "report" / "index.html"
 
 

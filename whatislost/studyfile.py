@@ -53,6 +53,7 @@ class EvalSettings:
     n_perm: int = 10000  # permutations of the Sup-vs-SCL PIE test
     alpha: float = 0.05  # significance level of the tests
     correction: str = "bh"  # multiple-testing correction: bh | holm | bonferroni | none
+    cka_samples: int = 10000  # test images of the cka metric (0: all)
 
 
 @dataclass
@@ -167,7 +168,7 @@ def parse_eval(value, where: str) -> EvalSettings:
     try:
         check_settings(metrics=ev.metrics, depth_models=ev.depth_models, knn_k=ev.knn_k, device=ev.device,
                        probes=ev.probes, depth_train=ev.depth_train, tie_break=ev.tie_break,
-                       depth_reference=ev.depth_reference)
+                       depth_reference=ev.depth_reference, cka_samples=ev.cka_samples)
         check_stats(ev.n_boot, ev.n_perm, ev.alpha, ev.correction)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
