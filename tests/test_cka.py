@@ -11,8 +11,9 @@ import torch
 
 from whatislost import evalfolder
 from whatislost.cli import UserError
-from whatislost.eval import (DEFAULT_METRICS, PopKey, Population, check_settings, cka_intervals, cka_rows, cka_step,
-                             cka_subset, main, run_eval)
+from whatislost.cka import cka_intervals, cka_rows, cka_step
+from whatislost.eval import DEFAULT_METRICS, check_settings, main, run_eval
+from whatislost.populations import PopKey, Population, cka_subset
 from whatislost.metrics import linear_cka, linear_cka_matrix
 
 

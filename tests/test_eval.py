@@ -226,7 +226,7 @@ def test_training_logs_are_kept_for_the_figures(evaluated):
 
 # ---------------------------------------------------------------- known answers, without training
 def toy_population(loss, method, sparsity, preds, labels, num_classes=4):
-    from whatislost.eval import PopKey, Population
+    from whatislost.populations import PopKey, Population
 
     key = PopKey("toy", "wrn10-1", loss, method, sparsity, f"{loss}-{method}-{sparsity}")
     g = torch.Generator().manual_seed(len(preds))
@@ -245,7 +245,9 @@ def test_tie_counts_and_warning_have_known_answers():
     """Two pruned models that disagree on 10 samples (true label vs the next class): those 10 are tied; the 'min'
     rule keeps the true label except for class 3 (next class 0 < 3): 2 PIEs; 'max' picks the next class for
     classes 0-2: 8 PIEs."""
-    from whatislost.eval import find_pies, population_row, reference_preds, warn_ties
+    from whatislost.eval import population_row
+    from whatislost.populations import find_pies, reference_preds
+    from whatislost.significance import warn_ties
     from whatislost.stats import tie_report
 
     labels = torch.arange(40) % 4
@@ -271,7 +273,9 @@ def test_sup_vs_scl_and_recall_tests_have_known_answers():
     populations are unanimous, its pruned models missing all of class 0 and 12 more samples: 32 PIEs, an interval
     of no width, 20 PIEs of SCL only and none of Sup only: permutation p = 2^-20 (exact), SCL more with either
     tie rule. Per-class recall: class 0 of Sup's pruned models drops, with seed-to-seed spread."""
-    from whatislost.eval import class_tests, find_pies, pie_comparisons, population_row, reference_preds
+    from whatislost.eval import population_row
+    from whatislost.populations import find_pies, reference_preds
+    from whatislost.significance import class_tests, pie_comparisons
     from whatislost.stats import tie_report
 
     labels = torch.arange(80) % 4

@@ -221,7 +221,8 @@ def test_debug_shows_the_traceback(tiny_populations, tmp_path):
 
 # ---------------------------------------------------------------- values the eval must not hide
 def accuracy_row(correct: list, total: int = 10000) -> dict:
-    from whatislost.eval import PopKey, Population, population_row
+    from whatislost.eval import population_row
+    from whatislost.populations import PopKey, Population
 
     y = torch.zeros(total, dtype=torch.long)
     outputs = []

@@ -8,6 +8,8 @@ error too.
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -39,3 +41,28 @@ def run_cli(main, argv=None, prog: str = "whatislost") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def warn(msg: str, log: list, prog: str = "whatislost-eval"):
+    """A warning kept in `log` (summary.json) and printed as one line on stderr."""
+    log.append(msg)
+    print(f"{prog}: warning: {msg}", file=sys.stderr)
+
+
+def progress(iterable, desc: str, unit: str = "it", total: int | None = None):
+    """A tqdm bar on stderr for one stage of the eval, shown only when stderr is a terminal (tests and logs stay
+    clean) and removed when the stage ends."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"whatislost-eval: {desc}", unit=unit, total=total, file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+@contextmanager
+def timed(stage: str, timing: dict):
+    """Adds the seconds the block took to timing[stage] (summary.json 'timing')."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[stage] = round(timing.get(stage, 0.0) + time.perf_counter() - start, 3)

@@ -45,34 +45,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .cli import UserError, first_line, run_cli
+from .cka import cka_step, write_cka
+from .cli import UserError, progress, run_cli, timed, warn
 from .config import resolve_device
-from .data import ImageData, load_data, load_run_data, make_augment
-from .identity import DENSE, population_id, population_label, reference_id, run_identity
-from .metrics import linear_cka_matrix, mean_std, modal_labels, pie_mask, prediction_depth, q_score
-from .models import model_label, num_probes
-from .rundir import CHECKPOINT, atomic_torch_save, file_sha256, find_runs, load_checkpoint, load_model
-from .stats import (adjust_p_values, bootstrap_ci, class_recall_tests, permutation_test_more_pies, pie_count_ci,
-                    pie_difference_ci, population_mean_ci, resample_weights, tie_report, ties_could_flip)
+from .data import load_data
+from .identity import DENSE
+from .metrics import mean_std, q_score
+from .populations import (CKA_SAMPLES, Population, accuracy_mean_std, assign_references, collect_populations,
+                          find_pies, load_population_data, probe_count, reference_preds, score_population)
+from .rundir import find_runs
+from .significance import (CI_LEVEL, CORRECTIONS, STATS_SEED, add_recall_counts, check_stats, class_tests,
+                           other_rule, pie_comparisons, warn_ties, write_significance)
+from .stats import bootstrap_ci, pie_count_ci, population_mean_ci, tie_report
 from .tables import write_tables
 
 ALL_METRICS = ("acc", "pie", "qscore", "depth", "umap", "cka")
 DEFAULT_METRICS = ("acc", "pie", "qscore", "depth", "umap")  # cka: asked for by name (beyond the paper)
-CKA_SAMPLES = 10000  # default --cka-samples: test images CKA is computed on (0: all); CIFAR's whole test set
-CACHE_VERSION = 2
 PROBE_LAYOUTS = ("authors", "blocks")  # models.Encoder.forward(probes=...)
 DEPTH_TRAIN = ("clean", "augmented")  # training images the depth kNN is fitted on
 
@@ -98,238 +96,26 @@ def check_settings(metrics=None, depth_models: int = 5, knn_k: int = 30, device:
             raise UserError(f"{name} must be one of {', '.join(allowed)}; got '{value}'")
 
 
-@dataclass(frozen=True)
-class PopKey:
-    dataset: str  # the data set's name (with its fingerprint when two data sets share a name)
-    model: str
-    loss: str
-    method: str  # 'dense' for every population whose recipe prunes nothing; '<method> [id]' for a variant
-    sparsity: float  # exact target sparsity in percent
-    population: str = ""  # identity.population_id
-
-    @property
-    def group(self) -> str:
-        return f"{self.dataset}-{self.model}"
-
-    @property
-    def label(self) -> str:
-        """'Sup/GMP/90', 'SCL/Dense/0': the population's column name in per-sample tables."""
-        return population_label(self.loss, self.method, self.sparsity / 100)
 
 
-@dataclass
-class Population:
-    key: PopKey
-    identity: dict = field(default_factory=dict)
-    runs: list = field(default_factory=list)  # (seed, run dir, config), sorted by seed
-    outputs: list = field(default_factory=list)  # per scored model: dict(preds (N,), h (N, D), acc, depth (N,)?,
-    #                                                probes [P x (n, D_p)]? with cka, dropped once its CKA is computed)
-    data: ImageData | None = None
-    modal: torch.Tensor | None = None  # (N,) modal predicted label
-    modal_tied: int = 0
-    q: dict | None = None  # q, z, l1: (N,) each, averaged over models
-    depth: torch.Tensor | None = None  # (N,) prediction depth averaged over up to depth_models models
-    n_depth: int = 0
-    reference: PopKey | None = None  # the dense population this one is compared with
-
-    @property
-    def is_dense(self) -> bool:
-        return self.key.method == DENSE
 
 
-def _warn(msg: str, log: list):
-    log.append(msg)
-    print(f"whatislost-eval: warning: {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- per-model outputs (cached)
-@torch.no_grad()
-def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, probes: str = "authors",
-                 augment=None, batch_size: int = 1000):
-    """x (N, C, H, W) uint8 -> dict(preds (N,), h (N, D) on CPU, finite (bool: logits and h all finite);
-    hidden [P x (N, D_p)] on `device` if asked). `augment` (float images in [0, 1] -> same) is applied
-    before normalising, e.g. for fitting the depth kNN on augmented training images as the authors did."""
-    preds, hs, probe_batches, finite = [], [], [], True
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device).float().div_(255)
-        if augment is not None:
-            xb = augment(xb)
-        xb = data.normalize_unit(xb).contiguous(memory_format=torch.channels_last)
-        if hidden:
-            h, hid = model.encoder(xb, return_hidden=True, probes=probes)
-            probe_batches.append([t.float() for t in hid])  # stay on the device: the kNN probes run there next
-        else:
-            h = model.encoder(xb)
-        logits = model.classifier(h)
-        finite = finite and bool(torch.isfinite(logits).all() & torch.isfinite(h).all())
-        preds.append(logits.argmax(1).cpu())
-        hs.append(h.float().cpu())
-    out = {"preds": torch.cat(preds), "h": torch.cat(hs), "finite": finite}
-    if hidden:
-        out["hidden"] = [torch.cat(p) for p in zip(*probe_batches)]
-    return out
 
 
-def depth_augment(cfg: dict, data: ImageData, seed: int = 0):
-    """The run's own Sup augmentation (crop with padding, flips) with a fixed seed, so that the augmented
-    training set the depth kNN is fitted on is the same every time (and the cache stays valid)."""
-    generator = torch.Generator().manual_seed(seed)
-    return make_augment("sup", data.image_size, data.in_channels, int(cfg.get("crop_padding", 4)),
-                        bool(cfg.get("hflip", True)), bool(cfg.get("vflip", False)), generator=generator)
 
 
-def cka_subset(n_test: int, n: int) -> torch.Tensor:
-    """Indices (sorted) of the test images CKA is computed on: every one when n is 0 or >= n_test, else n of them
-    drawn once with seed 0 (the same images for every model and population of a data set)."""
-    if n <= 0 or n >= n_test:
-        return torch.arange(n_test)
-    return torch.randperm(n_test, generator=torch.Generator().manual_seed(0))[:n].sort().values
 
 
-def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None, knn_k: int, reference: str,
-                  probes: str = "authors", depth_train: str = "clean", cfg: dict | None = None,
-                  cka_index: torch.Tensor | None = None):
-    """Test predictions and h of one model, plus its per-sample prediction depth when depth_key is given, and
-    with cka_index (test-sample indices, `cka_subset`) its probe representations of those test images
-    (`probes`: P tensors (n, D_p), float32, on CPU).
-
-    Cached in RUN_DIR/eval_cache.pt, keyed by the checkpoint's SHA-256 and the data's fingerprint; depth is
-    cached per (k, reference, probes, training images) and the CKA probes per (probe layout, subset size), so
-    changing one recomputes only that. A cache of an earlier version without CKA probes gains them.
-    """
-    sha = file_sha256(run_dir / CHECKPOINT)
-    cache_path = run_dir / "eval_cache.pt"
-    cache = {}
-    if cache_path.exists():
-        try:
-            cache = torch.load(cache_path, weights_only=True)
-        except Exception:
-            cache = {}
-        if (not isinstance(cache, dict) or cache.get("checkpoint") != sha or cache.get("version") != CACHE_VERSION
-                or cache.get("data") != data.fingerprint):
-            cache = {}
-    need_test = "preds" not in cache
-    need_depth = depth_key is not None and depth_key not in cache.get("depth", {})
-    cka_key = f"{probes}-n{len(cka_index)}-seed0" if cka_index is not None else None
-    need_cka = cka_key is not None and cka_key not in cache.get("cka", {})
-    computed = need_test or need_depth or need_cka
-    if need_test or need_depth:
-        model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
-        test = forward_pass(model, data.test_x, data, device, hidden=need_depth or need_cka, probes=probes)
-        cache.update(checkpoint=sha, version=CACHE_VERSION, data=data.fingerprint, preds=test["preds"], h=test["h"],
-                     finite=test["finite"])
-        if need_cka:
-            index = cka_index.to(test["hidden"][0].device)
-            cache.setdefault("cka", {})[cka_key] = [t[index].cpu() for t in test["hidden"]]
-            need_cka = False
-        if need_depth:
-            augment = depth_augment(cfg or {}, data) if depth_train == "augmented" else None
-            train_hidden = forward_pass(model, data.train_x, data, device, hidden=True, probes=probes,
-                                        augment=augment)["hidden"]
-            ref = data.test_y if reference == "label" else test["preds"]
-            depth = prediction_depth(train_hidden, data.train_y, test["hidden"], ref, k=knn_k,
-                                     num_classes=data.num_classes, device=device)
-            cache.setdefault("depth", {})[depth_key] = depth
-    if need_cka:  # the test outputs came from the cache: only the CKA images pass the model
-        model = load_model(run_dir)[0].to(device, memory_format=torch.channels_last)
-        sub = forward_pass(model, data.test_x[cka_index], data, device, hidden=True, probes=probes)
-        cache.setdefault("cka", {})[cka_key] = [t.cpu() for t in sub["hidden"]]
-    if computed:
-        try:
-            atomic_torch_save(cache, cache_path)
-        except OSError:
-            pass  # a read-only run folder: computed again next time
-    out = {"preds": cache["preds"], "h": cache["h"], "finite": cache.get("finite", True), "computed": computed}
-    if depth_key is not None:
-        out["depth"] = cache["depth"][depth_key].float()
-    if cka_key is not None:
-        out["probes"] = cache["cka"][cka_key]
-    return out
 
 
 # ---------------------------------------------------------------- populations
-def checkpoint_identity(ckpt: dict) -> dict:
-    """The identity a checkpoint recorded; for checkpoints of older versions one rebuilt from what they hold
-    (their data is known only by name and folder)."""
-    if isinstance(ckpt.get("identity"), dict):
-        return ckpt["identity"]
-    cfg = ckpt["config"]
-    return run_identity(cfg, ckpt.get("recipe", ""), f"{cfg.get('dataset')}:{cfg.get('data_root', '')}")
 
 
-def collect_populations(runs_dir: Path, log: list) -> dict:
-    """{PopKey: Population} of the finished runs under runs_dir, pooled by identity; unloadable runs are
-    warned about and skipped. Populations that share a label but not an identity get a variant label."""
-    finished, unfinished = find_runs(runs_dir)
-    if unfinished:
-        _warn(f"{len(unfinished)} run(s) without done marker skipped: {', '.join(str(p) for p in unfinished[:5])}"
-              + (" ..." if len(unfinished) > 5 else ""), log)
-    by_id = {}
-    for run_dir in finished:
-        try:
-            ckpt = load_checkpoint(run_dir)
-            cfg, identity = ckpt["config"], checkpoint_identity(ckpt)
-            dense = not ckpt.get("prunes", ckpt.get("method") != DENSE) and not ckpt.get("init")
-            pop_id = ckpt.get("population") or population_id(identity)
-            fields = (ckpt["dataset"], model_label(cfg), ckpt["loss"],
-                      DENSE if dense else ckpt["method"], round(100 * float(ckpt["target_sparsity"]), 6))
-        except Exception as err:
-            _warn(f"cannot load checkpoint of {run_dir}: {first_line(err)}", log)
-            continue
-        entry = by_id.setdefault(pop_id, (fields, identity, []))
-        entry[2].append((ckpt.get("seed", 0), run_dir, cfg))
-    # two data sets with one name, or one label with several identities: say so, never pool them
-    names = defaultdict(set)
-    for fields, identity, _ in by_id.values():
-        names[fields[0]].add(identity["data"])
-    labels = defaultdict(list)
-    for pop_id, (fields, identity, _) in by_id.items():
-        labels[fields].append(pop_id)
-    pops = {}
-    for pop_id, (fields, identity, runs) in by_id.items():
-        dataset, model, loss, method, sparsity = fields
-        if len(names[dataset]) > 1:
-            dataset = f"{dataset}@{identity['data'][:6]}"
-        if len(labels[fields]) > 1:
-            method = f"{method} [{pop_id[:6]}]"
-        key = PopKey(dataset, model, loss, method, sparsity, pop_id)
-        pops[key] = Population(key, identity, sorted(runs, key=lambda r: (r[0], str(r[1]))))
-    for fields, ids in labels.items():
-        if len(ids) > 1:
-            first = by_id[ids[0]][1]["settings"]
-            diffs = sorted({k for i in ids[1:] for k, v in by_id[i][1]["settings"].items() if first.get(k) != v}
-                           | {k for i in ids[1:] for k in ("recipe_sha", "data", "init") if by_id[i][1][k] != by_id[ids[0]][1][k]})
-            _warn(f"runs labelled {population_label(fields[2], fields[3], fields[4] / 100)} ({fields[0]}-{fields[1]}) "
-                  f"differ in {', '.join(diffs[:5]) or 'their settings'}: scored as {len(ids)} separate populations "
-                  f"({', '.join(i[:6] for i in ids)})", log)
-    return pops
 
 
-def assign_references(pops: dict, log: list):
-    """Each pruned population's dense reference: the dense population its runs started from (One-Shot),
-    else the dense population with the same data, architecture, loss and training settings."""
-    dense = [p for p in pops.values() if p.is_dense]
-    for pop in pops.values():
-        if pop.is_dense:
-            continue
-        init = pop.identity.get("init")
-        if init:
-            found = [d for d in dense if d.key.population == init]
-        else:
-            found = [d for d in dense if reference_id(d.identity) == reference_id(pop.identity)]
-        legacy = not init and not found and str(pop.identity.get("data", "")).count(":")
-        if legacy:  # an older version's runs: no identity recorded; the dense population of the same data and loss
-            found = [d for d in dense if (d.key.group, d.key.loss) == (pop.key.group, pop.key.loss)]
-        if not found:
-            _warn(f"population {pop.key.label} ({pop.key.group}) has no dense population with the same data and "
-                  f"training settings to compare with: no PIEs", log)
-            continue
-        found.sort(key=lambda d: -len(d.runs))
-        pop.reference = found[0].key
-        if len(found) > 1 or legacy:
-            _warn(f"population {pop.key.label} ({pop.key.group}) is compared with dense population "
-                  f"{found[0].key.label} ({found[0].key.population[:6]}, {len(found[0].runs)} runs)"
-                  + (f", one of {len(found)} that qualify" if len(found) > 1 else ", matched by data set name only"), log)
 
 
 def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | None, dense: Population | None = None,
@@ -384,18 +170,6 @@ def population_row(pop: Population, pie: dict | None, pd_mask: torch.Tensor | No
     return row
 
 
-def accuracy_mean_std(pop: Population) -> tuple[float, float]:
-    """Test accuracy in % (mean, std over the population's models), in float64 from the correct/total counts.
-
-    The mean is 100 * (correct answers of all models) / (models * test samples), rounded once: the float64
-    nearest the exact mean (float32 accuracies drifted: 8300 and 8299 of 10000 gave 82.99499512, not 82.995)."""
-    test_y = pop.data.test_y if pop.data is not None else None
-    if test_y is None or not pop.outputs:
-        return mean_std([100.0 * float(o["acc"]) for o in pop.outputs])
-    correct = [int((o["preds"] == test_y).sum()) for o in pop.outputs]
-    total = len(test_y)
-    _, std = mean_std([100.0 * c / total for c in correct])
-    return 100.0 * sum(correct) / (len(correct) * total), std
 
 
 def umap_coordinates(h: torch.Tensor, seed: int = 0, init: np.ndarray | None = None) -> np.ndarray:
@@ -425,191 +199,23 @@ def procrustes(xy: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the whole evaluation
-def score_population(pop: Population, data: ImageData, device, metrics, depth_models, knn_k, reference,
-                     tie_break, log, probes: str = "authors", depth_train: str = "clean",
-                     cka_samples: int = CKA_SAMPLES) -> int:
-    """Per-model outputs (cached) and per-sample population values of one population; returns how
-    many models had to be computed (the rest came from the cache). A model whose logits or h are not
-    finite is left out with a warning. With cka in metrics every model's outputs also hold its probe
-    representations of the `cka_subset` test images (`probes`)."""
-    computed = 0
-    cka_index = cka_subset(len(data.test_y), cka_samples) if "cka" in metrics else None
-    for i, (_, run_dir, cfg) in enumerate(progress(pop.runs, pop.key.label, "model")):
-        depth_key = f"k{knn_k}-{reference}-{probes}-{depth_train}" if "depth" in metrics and i < depth_models else None
-        try:
-            o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg, cka_index)
-        except Exception as err:  # one bad checkpoint must not stop the others
-            _warn(f"run {run_dir} failed to score: {first_line(err)}", log)
-            continue
-        computed += o.pop("computed")
-        if not o.pop("finite"):
-            _warn(f"run {run_dir} left out of {pop.key.label}: NaN/inf in its logits or representation h", log)
-            continue
-        o["acc"] = int((o["preds"] == data.test_y).sum()) / len(data.test_y)
-        pop.outputs.append(o)
-    if not pop.outputs:
-        return computed
-    pop.data = data
-    pop.modal, pop.modal_tied = modal_labels(torch.stack([o["preds"] for o in pop.outputs]), data.num_classes, tie_break)
-    if "qscore" in metrics:
-        per_model = [q_score(o["h"]) for o in pop.outputs]
-        # per-sample values averaged over the population's models (paper Tables 4-5)
-        pop.q = {name: torch.stack([q[name] for q in per_model]).mean(0) for name in ("q", "z", "l1")}
-    depths = [o["depth"] for o in pop.outputs if "depth" in o]
-    if depths:
-        pop.depth, pop.n_depth = torch.stack(depths).mean(0), len(depths)
-    return computed
 
 
-def find_pies(scored: dict, tie_break: str, log: list) -> dict:
-    """{pruned PopKey: {mask (N,) bool, tied}}: each pruned population against its dense reference
-    (Hooker et al. 2019)."""
-    pies = {}
-    for key, pop in scored.items():
-        if pop.is_dense or pop.reference is None:
-            continue
-        dense = scored.get(pop.reference)
-        if dense is None:
-            _warn(f"population {key.label} ({key.group}): its dense reference {pop.reference.label} could not be "
-                  f"scored: no PIEs", log)
-        elif len(pop.outputs) < 2 or len(dense.outputs) < 2:
-            _warn(f"population {key.label} ({key.group}) or its dense counterpart has one model: "
-                  "PIEs (a difference of modal labels) are undefined", log)
-        else:
-            mask, tied = pie_mask(torch.stack([o["preds"] for o in dense.outputs]),
-                                  torch.stack([o["preds"] for o in pop.outputs]), pop.data.num_classes, tie_break)
-            pies[key] = {"mask": mask, "tied": tied}
-    return pies
 
 
 # ---------------------------------------------------------------- representation similarity (cka)
-CKA_COLUMNS = ["group", "dataset", "model", "loss", "method", "sparsity", "population", "reference", "probes", "probe",
-               "probe_dim", "n_samples", "n_models", "n_reference_models", "n_pairs", "cka_mean", "cka_std",
-               "cka_ci_low", "cka_ci_high"]
 
 
-def cka_matrices(pop: Population, ref: Population, device) -> np.ndarray:
-    """(P, M, M_ref) float64: linear CKA (metrics.linear_cka_matrix) of every model of `pop` against every model of
-    `ref` at each probe, from the models' `probes` representations, computed on `device`."""
-    num_probes = min(len(o["probes"]) for o in pop.outputs + ref.outputs)
-    per_probe = []
-    for p in range(num_probes):
-        xs = torch.stack([o["probes"][p] for o in pop.outputs])
-        ys = None if ref is pop else torch.stack([o["probes"][p] for o in ref.outputs])
-        per_probe.append(linear_cka_matrix(xs, ys, device=device).cpu().numpy())
-    return np.stack(per_probe)
 
 
-def cka_intervals(k: np.ndarray, within: bool, n_boot: int, level: float = 0.95, seed=0):
-    """Percentile bootstrap interval of the mean CKA at each probe, (low (P,), high (P,)), resampling models.
-
-    k: (P, A, B) CKA of A models against B models. Between two populations the A and the B models are resampled
-    independently and a replicate is the mean over all A x B pairs of the resamples (the same resamples at every
-    probe). Within one population (k: A x A, `within`) a replicate is the mean over the pairs of two different
-    models of the resample (copies of one model are not a pair); resamples of a single model are left out. NaN
-    without resamples, with fewer than 2 models a side (3 within: 2 models make one pair, no spread) or a NaN CKA."""
-    num_probes, num_a, num_b = k.shape
-    nan = np.full(num_probes, math.nan)
-    if not n_boot or num_a < (3 if within else 2) or num_b < (3 if within else 2) or not np.isfinite(k).all():
-        return nan, nan
-    rng = np.random.default_rng(seed)
-    w_a = resample_weights(num_a, n_boot, rng).astype(np.float64)
-    if within:
-        off = k.copy()
-        off[:, np.arange(num_a), np.arange(num_a)] = 0.0
-        pairs = num_a * num_a - (w_a ** 2).sum(axis=1)  # ordered pairs of different models in each resample
-        keep = pairs > 0
-        boot = np.einsum("ra,pab,rb->rp", w_a[keep], off, w_a[keep], optimize=True) / pairs[keep, None]
-    else:
-        w_b = resample_weights(num_b, n_boot, rng).astype(np.float64)
-        boot = np.einsum("ra,pab,rb->rp", w_a, k, w_b, optimize=True) / (num_a * num_b)
-    low, high = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
-    return low, high
 
 
-def cka_rows(pop: Population, ref: Population, device, stats: dict, probes: str, log: list) -> list[dict]:
-    """tables/cka.csv rows of one population, one per probe: the mean (and std) of the linear CKA over every pair
-    (model of pop, model of its dense reference) and its 95% bootstrap interval (`cka_intervals`). With ref = pop
-    (a dense population): the pairs of its different models, the seed-to-seed baseline."""
-    within = ref is pop
-    k = cka_matrices(pop, ref, device)
-    num_probes, num_a, num_b = k.shape
-    upper = np.triu_indices(num_a, 1)
-    pairs = k[:, upper[0], upper[1]] if within else k.reshape(num_probes, -1)
-    low, high = cka_intervals(k, within, int(stats.get("n_boot", 0)), stats.get("level", CI_LEVEL),
-                              stats.get("seed", STATS_SEED))
-    undefined = [str(p + 1) for p in range(num_probes) if np.isnan(pairs[p]).any()]
-    if undefined:
-        _warn(f"population {pop.key.label} ({pop.key.group}): linear CKA undefined (NaN) at probe(s) "
-              f"{', '.join(undefined)}: a model's representation there is constant over the test images or not "
-              "finite", log)
-    key = pop.key
-    rows = []
-    for p in range(num_probes):
-        mean, std = mean_std(torch.from_numpy(pairs[p]))
-        rows.append(dict(group=key.group, dataset=key.dataset, model=key.model, loss=key.loss, method=key.method,
-                         sparsity=key.sparsity, population=key.label, reference=ref.key.label, probes=probes,
-                         probe=p + 1, probe_dim=int(pop.outputs[0]["probes"][p].shape[1]),
-                         n_samples=int(pop.outputs[0]["probes"][p].shape[0]), n_models=num_a, n_reference_models=num_b,
-                         n_pairs=pairs.shape[1], cka_mean=mean, cka_std=std, cka_ci_low=float(low[p]),
-                         cka_ci_high=float(high[p])))
-    return rows
 
 
-def cka_step(pops: dict, scored: dict, visited: set, done: set, rows: list, device, stats: dict, probes: str,
-             log: list, final: bool = False):
-    """The CKA rows that can be computed now (called after each population is scored, and once at the end with
-    `final`): each pruned population against its dense reference once that is scored, each dense population's
-    seed-to-seed baseline (2+ models). Then drops the probe representations nothing still waits for, so that only
-    the dense populations of the current loss and one pruned population are held at a time (populations are scored
-    dense first). visited: the populations whose scoring was tried; done: those whose CKA is settled."""
-    for key, pop in scored.items():
-        if key in done:
-            continue
-        if pop.is_dense:
-            if len(pop.outputs) >= 2:
-                rows += cka_rows(pop, pop, device, stats, probes, log)
-        elif pop.reference in scored:
-            rows += cka_rows(pop, scored[pop.reference], device, stats, probes, log)
-        elif pop.reference is not None and pop.reference not in visited and not final:
-            continue  # its dense reference is still to be scored
-        elif pop.reference is not None:
-            _warn(f"population {key.label} ({key.group}): its dense reference {pop.reference.label} could not be "
-                  "scored: no CKA", log)
-        done.add(key)
-    waiting = {p.reference for k, p in pops.items()
-               if not p.is_dense and k not in done and (k not in visited or k in scored)}
-    for key, pop in scored.items():
-        if key in done and key not in waiting:
-            for o in pop.outputs:
-                o.pop("probes", None)
 
 
-def write_cka(out: Path, rows: list):
-    """tables/cka.csv (header only when no population could be compared)."""
-    pd.DataFrame(rows, columns=CKA_COLUMNS).to_csv(out / "tables" / "cka.csv", index=False, float_format="%.6g")
 
 
-def load_population_data(pop: Population, cache: dict, log: list) -> ImageData | None:
-    """The population's own data, from where its first run was trained, checked against the fingerprint
-    its runs recorded (None, with a warning, when it is missing or has changed since)."""
-    cfg = pop.runs[0][2]
-    source = (cfg["dataset"], cfg.get("data_root", ""), cfg.get("train_per_class", 0), cfg.get("test_per_class", 0))
-    if source not in cache:
-        try:
-            cache[source] = load_run_data(cfg)
-        except UserError as err:
-            cache[source] = err
-    data = cache[source]
-    if isinstance(data, UserError):
-        _warn(f"population {pop.key.label} ({pop.key.group}) skipped: {data}", log)
-        return None
-    recorded = pop.identity.get("data", "")
-    if ":" not in recorded and recorded != data.fingerprint:  # (older versions recorded no fingerprint)
-        _warn(f"population {pop.key.label} ({pop.key.group}) skipped: the data at {source[1] or source[0]} has "
-              f"changed since its runs were trained (fingerprint {data.fingerprint}, recorded {recorded})", log)
-        return None
-    return data
 
 
 def run_eval(runs_dir, out=None, device="cpu", metrics=DEFAULT_METRICS, depth_models: int = 5, knn_k: int = 30,
@@ -713,7 +319,7 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=DEFAULT_METRICS, depth_mo
             write_training(stage, scored, log)
             write_tables(populations, stage / "tables", tie_break)
         for rel in lingering_files(out, stage):
-            _warn(f"{out / rel} was not written by whatislost-eval (not in {MARKER}) and is left as it is, "
+            warn(f"{out / rel} was not written by whatislost-eval (not in {MARKER}) and is left as it is, "
                   "but the report may show it as part of this eval: move it away", log)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2, default=float))  # holds the warnings
         commit_outputs(stage, out)
@@ -744,177 +350,31 @@ def ordered_columns(rows: list) -> list:
 
 
 # ---------------------------------------------------------------- progress and timing
-def progress(iterable, desc: str, unit: str = "it", total: int | None = None):
-    """A tqdm bar on stderr for one stage of the eval, shown only when stderr is a terminal (tests and logs stay
-    clean) and removed when the stage ends."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=f"whatislost-eval: {desc}", unit=unit, total=total, file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-@contextmanager
-def timed(stage: str, timing: dict):
-    """Adds the seconds the block took to timing[stage] (summary.json 'timing')."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timing[stage] = round(timing.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
 # ---------------------------------------------------------------- statistics
-CI_LEVEL = 0.95  # every interval the eval writes is a 95% bootstrap interval
-STATS_SEED = 0  # bootstrap resamples and permutations are drawn from numpy's default_rng(STATS_SEED): reproducible
-CORRECTIONS = ("bh", "holm", "bonferroni", "none")
 
 
-def check_stats(n_boot: int = 1000, n_perm: int = 10000, alpha: float = 0.05, correction: str = "bh"):
-    """UserError (one line) for statistics settings that cannot work; run_eval checks them before any model is loaded."""
-    for name, value, least in (("n_boot", n_boot, 0), ("n_perm", n_perm, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"{name} must be a whole number >= {least}; got {value}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise UserError(f"alpha must be a number between 0 and 1; got {alpha}")
-    if correction not in CORRECTIONS:
-        raise UserError(f"correction must be one of {', '.join(CORRECTIONS)}; got '{correction}'")
 
 
-def other_rule(tie_break: str) -> str:
-    return "max" if tie_break == "min" else "min"
 
 
-def reference_preds(scored: dict, key: PopKey) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense predictions (M_d, N), pruned predictions (M_p, N)) of a pruned population and its dense reference."""
-    pop = scored[key]
-    return (torch.stack([o["preds"] for o in scored[pop.reference].outputs]),
-            torch.stack([o["preds"] for o in pop.outputs]))
 
 
-def probe_count(pop: Population, probes: str) -> int | None:
-    """How many prediction-depth probes the population's architecture has (the largest PD-Score possible)."""
-    try:
-        return num_probes(pop.runs[0][2], probes)
-    except Exception:
-        return None
 
 
-RECALL_KEYS = ["dataset", "model", "population", "reference", "loss", "method", "sparsity"]
 
 
-def class_tests(scored: dict, pies: dict, stats: dict) -> pd.DataFrame:
-    """Per pruned population with PIEs and per class: Welch's t-test of its models' class recall against its dense
-    reference's (Hooker et al. 2019, each population's mean accuracy subtracted first, as their code does), p-values
-    corrected over the classes of the population (stats.class_recall_tests)."""
-    frames = []
-    for key in pies:
-        pop = scored[key]
-        dense_preds, pruned_preds = reference_preds(scored, key)
-        table = class_recall_tests(dense_preds, pruned_preds, pop.data.test_y, pop.data.num_classes, normalize=True,
-                                   alpha=stats["alpha"], correction=stats["correction"],
-                                   class_names=[str(c) for c in pop.data.classes])
-        table = table.rename(columns={"class": "cls"})
-        table.insert(2, "support", torch.bincount(pop.data.test_y, minlength=pop.data.num_classes).numpy())
-        for i, (name, value) in enumerate(zip(RECALL_KEYS, (key.dataset, key.model, key.label, pop.reference.label,
-                                                            key.loss, key.method, key.sparsity))):
-            table.insert(i, name, value)
-        frames.append(table)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def add_recall_counts(rows: list, tests: pd.DataFrame):
-    """recall_classes_down / _up in each pruned population's row: classes whose recall changed significantly."""
-    if tests.empty:
-        return
-    for row in rows:
-        mine = tests[(tests.dataset == row["dataset"]) & (tests.model == row["model"])
-                     & (tests.population == row["population"])]
-        if not mine.empty:
-            row["recall_classes_down"] = int((mine.significant & (mine.norm_diff < 0)).sum())
-            row["recall_classes_up"] = int((mine.significant & (mine.norm_diff > 0)).sum())
 
 
-def pie_comparisons(scored: dict, pies: dict, ties: dict, tie_break: str, stats: dict) -> pd.DataFrame:
-    """'SCL has more PIEs than Sup' at each (group, method, sparsity) with both: a paired permutation test on the
-    test samples (stats.permutation_test_more_pies, one-sided), its p-values corrected over the group's
-    comparisons, the same under the other tie rule, a bootstrap interval of the difference resampling the models
-    of all four populations, and whether the tie rule could reverse which loss has more PIEs."""
-    rows = []
-    other = other_rule(tie_break)
-    for key in sorted(pies, key=lambda k: (k.group, k.method, k.sparsity)):
-        partners = [k for k in pies if k.loss == "supcon" and (k.group, k.method, k.sparsity)
-                    == (key.group, key.method, key.sparsity)]
-        if key.loss != "ce" or len(partners) != 1:
-            continue
-        scl = partners[0]
-        (sup_d, sup_p), (scl_d, scl_p) = reference_preds(scored, key), reference_preds(scored, scl)
-        num_classes = scored[key].data.num_classes
-        test = permutation_test_more_pies(pies[key]["mask"], pies[scl]["mask"], n_perm=stats["n_perm"],
-                                          seed=stats["seed"])
-        test_other = permutation_test_more_pies(pie_mask(sup_d, sup_p, num_classes, other)[0],
-                                                pie_mask(scl_d, scl_p, num_classes, other)[0], n_perm=stats["n_perm"],
-                                                seed=stats["seed"])
-        row = dict(dataset=key.dataset, model=key.model, method=key.method, sparsity=key.sparsity,
-                   sup_population=key.label, scl_population=scl.label, n_sup=test.n_sup, n_scl=test.n_scl,
-                   sup_only=test.sup_only, scl_only=test.scl_only, n_discordant=test.n_discordant,
-                   diff=test.observed_diff, p_value=test.p_value, p_exact=test.p_exact, n_perm=test.n_perm)
-        if stats["n_boot"]:
-            ci = pie_difference_ci(sup_d, sup_p, scl_d, scl_p, num_classes, tie_break, n_boot=stats["n_boot"],
-                                   level=stats["level"], seed=stats["seed"])
-            row.update(ci.columns("diff"), p_boot_not_greater=ci.extra.get("p_not_greater", math.nan))
-        sup_tie, scl_tie = ties[key], ties[scl]
-        row.update(n_sup_other=test_other.n_sup, n_scl_other=test_other.n_scl, p_value_other=test_other.p_value,
-                   ties_could_flip=ties_could_flip(scl_tie["pie_count_min"], scl_tie["pie_count_max"],
-                                                   sup_tie["pie_count_min"], sup_tie["pie_count_max"]),
-                   ties_could_flip_any=ties_could_flip(scl_tie["pie_count_lower"], scl_tie["pie_count_upper"],
-                                                       sup_tie["pie_count_lower"], sup_tie["pie_count_upper"],
-                                                       conservative=True))
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    # one family of tests per (dataset, model): every method and sparsity compared there
-    for suffix in ("", "_other"):
-        adjusted = pd.Series(np.nan, index=frame.index)
-        for _, part in frame.groupby(["dataset", "model"], sort=False):
-            adjusted[part.index] = adjust_p_values(part[f"p_value{suffix}"].to_numpy(), stats["correction"])
-        frame[f"p_adjusted{suffix}"] = adjusted
-        frame[f"significant{suffix}"] = frame[f"p_adjusted{suffix}"] <= stats["alpha"]
-    frame["conclusion_depends_on_ties"] = frame.ties_could_flip | (frame.significant != frame.significant_other)
-    columns = [c for c in frame.columns if not c.endswith("_other") and c not in ("ties_could_flip", "ties_could_flip_any",
-                                                                                  "conclusion_depends_on_ties")]
-    return frame[columns + [c for c in frame.columns if c not in columns]]
 
 
-def warn_ties(scored: dict, ties: dict, comparisons: pd.DataFrame, tie_break: str, log: list):
-    """Warn where the rule that breaks tied modal labels (--tie-break) could change a conclusion: a PIE count that
-    moves by more than 5% under the other rule, a Sup-vs-SCL comparison whose winner or significance changes."""
-    other = other_rule(tie_break)
-    by_group = defaultdict(list)
-    for key, tie in ties.items():
-        if tie["warn"]:
-            by_group[key.group].append(f"{key.label} {tie[f'pie_count_{tie_break}']} -> {tie[f'pie_count_{other}']} "
-                                       f"({tie['n_tied']} of {len(scored[key].data.test_y)} samples tied)")
-    for group, items in by_group.items():
-        _warn(f"{group}: PIE counts change by more than 5% under --tie-break {other}: {'; '.join(items)}. Tied modal "
-              "labels are common with few models per population; more seeds make PIE counts firmer", log)
-    if comparisons.empty:
-        return
-    for r in comparisons[comparisons.conclusion_depends_on_ties].itertuples():
-        from .identity import method_name, sparsity_label
-
-        _warn(f"{r.dataset}-{r.model}: whether SCL has more PIEs than Sup at {method_name(r.method)} "
-              f"{sparsity_label(r.sparsity / 100)}% depends on the tie rule: Sup {r.n_sup} vs SCL {r.n_scl} with "
-              f"--tie-break {tie_break} (adjusted permutation p {r.p_adjusted:.3g}), Sup {r.n_sup_other} vs SCL "
-              f"{r.n_scl_other} with {other} (p {r.p_adjusted_other:.3g})", log)
 
 
-def write_significance(out: Path, recall_tests: pd.DataFrame, comparisons: pd.DataFrame):
-    """tables/class_recall_tests.csv and tables/pie_comparison.csv (written only when there is something in them)."""
-    if not recall_tests.empty:
-        recall_tests.to_csv(out / "tables" / "class_recall_tests.csv", index=False, float_format="%.6g")
-    if not comparisons.empty:
-        comparisons.to_csv(out / "tables" / "pie_comparison.csv", index=False, float_format="%.6g")
 
 
 TRAINING_COLUMNS = ["population", "seed", "run"]  # then the log's own columns
@@ -941,7 +401,7 @@ def write_training(out: Path, scored: dict, log: list):
                 if {"stage", "epoch"} <= set(table.columns) and not table.empty and not set(meta) & set(table.columns):
                     into[key.group].append(pd.concat([pd.DataFrame(meta, index=table.index), table], axis=1))
     if unreadable:
-        _warn(f"{len(unreadable)} training log(s) missing or unreadable, left out of the training curves: "
+        warn(f"{len(unreadable)} training log(s) missing or unreadable, left out of the training curves: "
               f"{', '.join(unreadable[:3])}" + (" ..." if len(unreadable) > 3 else ""), log)
     for name, frames in (("training", curves), ("layer_sparsity", layers)):
         for group, parts in frames.items():
@@ -953,12 +413,12 @@ def warn_bad_values(scored: dict, log: list):
     for key, pop in scored.items():
         bad = sum(not bool(torch.isfinite(o["h"]).all()) for o in pop.outputs if "h" in o)
         if bad:
-            _warn(f"population {key.label} ({key.group}): {bad} of {len(pop.outputs)} model(s) have NaN/inf in "
+            warn(f"population {key.label} ({key.group}): {bad} of {len(pop.outputs)} model(s) have NaN/inf in "
                   "their representation h", log)
         if pop.q is not None:
             n_nan = int(torch.isnan(pop.q["q"]).sum())
             if n_nan:
-                _warn(f"population {key.label} ({key.group}): Q-Score is NaN for {n_nan} of {len(pop.q['q'])} samples "
+                warn(f"population {key.label} ({key.group}): Q-Score is NaN for {n_nan} of {len(pop.q['q'])} samples "
                       "(NaN/inf in a model's h); its Q, Z and L1 means are NaN", log)
 
 

@@ -792,7 +792,7 @@ def cka_by_probe(eval_dir: Path, group: str) -> list:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("linear CKA with the dense population\n(mean over model pairs; band: 95% CI)", fontsize=9)
     axes[0].set_ylim(max(0.0, lowest - 0.05), 1.01)
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
