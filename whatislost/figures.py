@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .cli import UserError
-from .identity import loss_name
+from .identity import loss_name, percent_label
 from .tables import column_name, in_order, lookup
 
 # the paper's figure columns (Figs 2-5, 7); other (loss, method) pairs follow alphabetically
@@ -116,9 +116,7 @@ def read_figdata(eval_dir: Path, name: str, group: str, why: str) -> pd.DataFram
     return frame
 
 
-def pct(sparsity) -> str:
-    """90.0 -> '90', 30.4 -> '30.4' (percent, as identity.sparsity_label writes it)."""
-    return f"{round(float(sparsity), 6):g}"
+pct = percent_label  # 90.0 -> '90', 30.4 -> '30.4'
 
 
 def pick_sparsity(available, asked, default):

@@ -71,7 +71,12 @@ def run_hash(identity: dict, seed: int, method: str) -> str:
 # ---------------------------------------------------------------- names
 def sparsity_label(sparsity: float) -> str:
     """Target sparsity as a percent without rounding distinct levels together: 0.9 -> '90', 0.304 -> '30.4'."""
-    return f"{round(100 * float(sparsity), 6):g}"
+    return percent_label(100 * float(sparsity))
+
+
+def percent_label(percent: float) -> str:
+    """A sparsity already in percent (the eval's tables hold percents): 90.0 -> '90', 30.4 -> '30.4'."""
+    return f"{round(float(percent), 6):g}"
 
 
 def loss_name(loss: str) -> str:

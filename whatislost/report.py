@@ -315,8 +315,10 @@ def inventory(summary: dict) -> str:
     gaps = "".join(f"<li>{p}</li>" for p in problems) if problems else '<li class="ok">none</li>'
     table = html_table(pd.DataFrame(rows), text_columns=("group", "population", "seeds", "recipe", "folder"))
     return (f'<h2 id="inventory">Runs</h2><p>{len(pops)} population(s), {esc(sum(r["models"] for r in rows))} model(s) '
-            f"scored. A population is every finished run with the same dataset, model, loss, pruning method and target "
-            f"sparsity.</p>{table}<h3>Missing or failed runs</h3><ul>{gaps}</ul>")
+            f"scored. A population is every finished run that agrees on everything that changes the trained model (data "
+            f"content, architecture, loss, training settings, the recipe as applied, the exact target sparsity) and "
+            f"differs only in its seed; runs that share a label but not these are shown as separate populations "
+            f"marked [id].</p>{table}<h3>Missing or failed runs</h3><ul>{gaps}</ul>")
 
 
 def tables(eval_dir: Path, summary: dict) -> str:

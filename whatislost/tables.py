@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .identity import column_name
+from .identity import column_name, percent_label
 
 # the paper's column order; other (loss, method) pairs follow alphabetically
 PAPER_ORDER = [("ce", "gmp"), ("ce", "oneshot"), ("supcon", "delta_gmp"), ("supcon", "gmp"), ("supcon", "oneshot")]
@@ -90,7 +90,7 @@ def build_table(pops: pd.DataFrame, columns: list, fields: list, tie_break: str 
     sparsities = sorted({0, *pops.sparsity[pops.method != "dense"].tolist()})
     records = []
     for s in sparsities:
-        rec = {"sparsity %": f"{s:g}"}
+        rec = {"sparsity %": percent_label(s)}
         for loss, method in columns:
             row = lookup(pops, loss, method, s)
             for title, name, kind in fields:
