@@ -48,7 +48,8 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import authors_style  # noqa: E402
 from whatislost.config import TrainConfig  # noqa: E402
-from whatislost.data import BatchLoader, ImageData, load_imagefolder, make_augment  # noqa: E402
+from whatislost.augment import make_augment  # noqa: E402
+from whatislost.data import BatchLoader, ImageData, load_imagefolder  # noqa: E402
 from whatislost.losses import supcon_loss  # noqa: E402
 from whatislost.models import WideResNet  # noqa: E402
 from whatislost.pruning import PRUNABLE, load_manager, named_tensors  # noqa: E402
@@ -180,7 +181,7 @@ class ProjectLoop:
 
     kind "ce" (Sup), "supcon" (SCL stage 1, 2 views) or "linear" (SCL stage 2 with augmented images through the
     frozen encoder, as linear_augment=true), built as train.execute / train.linear_stage build them; augment
-    "ours" (whatislost.augment via data.make_augment) or "kornia" (the earlier pipeline). A GMP run needs a
+    "ours" (whatislost.augment) or "kornia" (the earlier pipeline). A GMP run needs a
     fresh ProjectLoop (SparseML's masks stay on the model after the stage).
     """
 

@@ -295,7 +295,7 @@ def test_factory_kinds():
         y = A.make_augment("scl", 32, 3)(images(4))
     torch.manual_seed(0)
     assert torch.equal(y, A.make_augment("scl", 32, 3)(images(4)))
-    from whatislost.data import make_augment
+    from whatislost.augment import make_augment
 
     aug = make_augment("scl", 8, 1, crop_padding=2, hflip=False, vflip=True)
     assert isinstance(aug, A.BatchAugment) and not aug.colour and aug.vflip and not aug.hflip

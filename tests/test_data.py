@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import write_imagefolder
-from whatislost.data import BatchLoader, load_imagefolder, make_augment
+from whatislost.augment import make_augment
+from whatislost.data import BatchLoader, load_imagefolder
 
 
 def test_digits_split_is_fixed_and_stratified(digits):

@@ -551,21 +551,6 @@ def load_run_data(cfg) -> ImageData:
                      int(get("test_per_class", 0) or 0))
 
 
-def make_augment(kind: str, image_size: int, channels: int = 3, crop_padding: int = 4, hflip: bool = True,
-                 vflip: bool = False):
-    """Batched augmentation of float images (B, C, H, W) in [0, 1], as in the paper (see whatislost.augment).
-
-    sup: random crop with zero padding + horizontal flip (+ vertical flip when asked).
-    scl: RandomResizedCrop(scale 0.2..1) + flip + ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 + grayscale
-         with p=0.2 (the SimCLR views of Khosla et al. 2020); colour ops need 3 channels.
-    none: None (no augmentation).
-    Random parameters per sample, from the RNG of the images' device; no host synchronisation.
-    """
-    from .augment import make_augment as batched
-
-    return batched(kind, image_size, channels, crop_padding, hflip, vflip)
-
-
 class BatchLoader:
     """Batches of normalised (and optionally augmented) images from uint8 tensors on `device`.
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .cli import UserError, first_line, progress, warn
-from .data import ImageData, load_run_data, make_augment
+from .augment import make_augment
+from .data import ImageData, load_run_data
 from .identity import DENSE, population_id, population_label, reference_id, run_identity
 from .metrics import mean_std, modal_labels, pie_mask, prediction_depth, q_score
 from .models import model_label, num_probes
@@ -94,10 +95,10 @@ def forward_pass(model, x: torch.Tensor, data: ImageData, device, hidden: bool, 
     return out
 
 
-def depth_augment(cfg: dict, data: ImageData, seed: int = 0):
-    """The run's own Sup augmentation (crop with padding, flips) with a fixed seed, so that the augmented
-    training set the depth kNN is fitted on is the same every time (and the cache stays valid)."""
-    generator = torch.Generator().manual_seed(seed)
+def depth_augment(cfg: dict, data: ImageData, device, seed: int = 0):
+    """The run's own Sup augmentation (crop with padding, flips) with a fixed seed, drawn on `device`, so that the
+    augmented training set the depth kNN is fitted on is the same every time (and the cache stays valid)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     return make_augment("sup", data.image_size, data.in_channels, int(cfg.get("crop_padding", 4)),
                         bool(cfg.get("hflip", True)), bool(cfg.get("vflip", False)), generator=generator)
 
@@ -147,7 +148,7 @@ def model_outputs(run_dir: Path, data: ImageData, device, depth_key: str | None,
             cache.setdefault("cka", {})[cka_key] = [t[index].cpu() for t in test["hidden"]]
             need_cka = False
         if need_depth:
-            augment = depth_augment(cfg or {}, data) if depth_train == "augmented" else None
+            augment = depth_augment(cfg or {}, data, device) if depth_train == "augmented" else None
             train_hidden = forward_pass(model, data.train_x, data, device, hidden=True, probes=probes,
                                         augment=augment)["hidden"]
             ref = data.test_y if reference == "label" else test["preds"]
@@ -290,7 +291,7 @@ def score_population(pop: Population, data: ImageData, device, metrics, depth_mo
         depth_key = f"k{knn_k}-{reference}-{probes}-{depth_train}" if "depth" in metrics and i < depth_models else None
         try:
             o = model_outputs(run_dir, data, device, depth_key, knn_k, reference, probes, depth_train, cfg, cka_index)
-        except Exception as err:  # one bad checkpoint must not stop the others
+        except (UserError, OSError) as err:  # one bad checkpoint or unreadable file must not stop the others
             warn(f"run {run_dir} failed to score: {first_line(err)}", log)
             continue
         computed += o.pop("computed")

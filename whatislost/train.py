@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from .cli import UserError, first_line, run_cli
 from .config import TrainConfig, config_text, describe_keys, load_config, parse_overrides, resolve_device, validate
-from .data import BatchLoader, FeatureLoader, ImageData, load_run_data, make_augment
+from .augment import make_augment
+from .data import BatchLoader, FeatureLoader, ImageData, load_run_data
 from .identity import population_id, run_hash, run_identity, sparsity_label
 from .losses import supcon_loss
 from .models import EncoderHead, arch_for, model_for
