@@ -184,7 +184,7 @@ FAULTS = [
     ("export-out-unwritable-path", "export", lambda w: [w.run(), "--out", "/proc/self/whatislost-test.onnx"],
      "is not writable"),
     ("export-read-only-run-dir", "export",
-     lambda w: not_writable(export, "writable_dir", lambda w: w.run())(w) or [w.run()],
+     lambda w: not_writable(export, "writable", lambda w: w.run())(w) or [w.run()],
      "is read-only; pass --out FILE.onnx to export elsewhere"),
     ("export-out-not-onnx", "export", lambda w: [w.run(), "--out", w.tmp / "m.txt"], "--out must name a .onnx file"),
 ]

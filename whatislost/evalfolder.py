@@ -26,13 +26,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .cli import UserError, first_line
+from .rundir import atomic_write_text, writable
 
 MARKER = ".whatislost-eval"
 STAGING_PREFIX = ".whatislost-eval-tmp-"
@@ -66,29 +66,6 @@ def is_own_name(rel: str) -> bool:
         if len(want) == len(parts) and all(fnmatchcase(p, w) for p, w in zip(parts, want)):
             return True
     return False
-
-
-# ---------------------------------------------------------------- atomic files
-@contextmanager
-def atomic_path(path):
-    """A temporary path beside `path` (hidden, same suffix) to write to; renamed onto `path` when the
-    block succeeds, removed when it fails. Readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path, text: str):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------- reading an eval folder
@@ -176,17 +153,6 @@ def write_marker(eval_dir, files):
 
 
 # ---------------------------------------------------------------- writing an eval folder
-def writable(folder: Path) -> bool:
-    """Whether a file can be created in folder (tried, so it also holds for root and read-only mounts)."""
-    try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".whatislost-probe-")
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(name)
-    return True
-
-
 def check_out_folder(out) -> None:
     """Refuse (UserError, nothing touched) an eval output folder that cannot be written or that is a
     non-empty folder whatislost-eval did not make. Called before any model is loaded."""

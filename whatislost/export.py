@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .cli import UserError, first_line, run_cli
 from .data import load_data
-from .rundir import CHECKPOINT, find_runs, is_finished, load_model
+from .rundir import CHECKPOINT, find_runs, is_finished, load_model, writable
 
 PARTS = ("classifier", "encoder")
 OUTPUT_NAME = {"classifier": "logits", "encoder": "h"}
@@ -195,17 +195,6 @@ def is_export_record(path: Path) -> bool:
     return isinstance(record, dict) and all(k in record for k in ("onnx", "source_run", "part", "parity"))
 
 
-def writable_dir(folder: Path) -> bool:
-    """Whether a file can be created in folder (tried: permissions say nothing for root or read-only mounts)."""
-    try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".whatislost-probe-")
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(name)
-    return True
-
-
 def check_out(out: Path, run_dir: Path, given: bool):
     """Refuse (UserError, nothing touched) an output path that cannot be written, or that holds a file this
     tool did not export (an existing FILE.onnx is replaced only when its FILE.onnx.json record is ours)."""
@@ -222,7 +211,7 @@ def check_out(out: Path, run_dir: Path, given: bool):
     existing = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"cannot write {out}: {existing} is a file, not a folder")
-    if not writable_dir(existing):
+    if not writable(existing):
         if not given and existing == run_dir.absolute():
             raise UserError(f"run directory {run_dir} is read-only; pass --out FILE.onnx to export elsewhere")
         raise UserError(f"cannot write {out}: {existing} is not writable; pass --out FILE.onnx elsewhere")

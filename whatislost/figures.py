@@ -147,7 +147,7 @@ def new_figure(width: float, height: float, layout="constrained"):
 
 def save(fig, eval_dir: Path, name: str, group: str) -> list:
     """figures/<name>_<group>.png and .pdf, each written under a temporary name and renamed."""
-    from .evalfolder import atomic_path
+    from .rundir import atomic_path
 
     folder = Path(eval_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,15 +58,27 @@ def _own(name: str) -> bool:
 
 
 # ---------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write to PATH.tmp in the same folder, fsync, rename: readers see the old file or the whole new one."""
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` (hidden, same suffix) to write to; renamed onto `path` when the block
+    succeeds, removed when it fails. Readers see the old file or the whole new one."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    """Write through a temporary file in the same folder, fsynced, then renamed onto `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str):
@@ -77,6 +92,17 @@ def atomic_torch_save(obj, path: Path) -> str:
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in folder (tried: permissions say nothing for root or read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".whatislost-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 def file_sha256(path: Path) -> str:
