@@ -106,16 +106,22 @@ def fake_run(folder: Path, checkpoint: bytes) -> Path:
 
 @pytest.mark.parametrize("case,setup,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_train_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, case, setup, message):
+    assert_refused(tmp_path, monkeypatch, capsys, setup, lambda argv: run_cli(train_main, [*TINY, *map(str, argv)],
+                                                                             prog="whatislost-train"), message)
+    assert not (tmp_path / "r").exists()
+
+
+def assert_refused(tmp_path, monkeypatch, capsys, setup, command, message):
+    """Run command(setup(tmp_path)) from a folder of its own: exit 2, one line naming `message`, no file touched."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     argv = setup(tmp_path)
     before = snapshot(tmp_path)
-    code, err = run_train([*TINY, *argv], capsys)
-    assert code == 2, err
-    assert message in err and len(err.splitlines()) == 1, err
+    code = command(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert snapshot(tmp_path) == before
-    assert not (tmp_path / "r").exists()
 
 
 def test_failed_overwrite_keeps_the_finished_run(finished_run, capsys):
@@ -166,6 +172,16 @@ def test_unfinished_run_of_ours_with_a_users_file_is_refused(tmp_path, capsys):
     code, err = run_train([*TINY, "--out", out], capsys)
     assert code == 2 and "notes.txt" in err
     assert snapshot(tmp_path) == before
+
+
+def test_a_crashs_leftover_temporary_file_is_cleared_not_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    write(out / MARK, "")
+    write(out / "metrics.csv", "stage,epoch\n")
+    write(out / ".model.4242-9f3a2c1d.tmp.pt", b"half a checkpoint")  # atomic_path's name, killed mid-write
+    code, err = run_train([*TINY, "--out", out], capsys)
+    assert code == 0, err
+    assert is_finished(out, verify=True) and not (out / ".model.4242-9f3a2c1d.tmp.pt").exists()
 
 
 def test_run_folder_of_an_older_version_is_recognised_and_continued(tmp_path, capsys, finished_run):
@@ -224,15 +240,8 @@ STUDY_CASES = [
 
 @pytest.mark.parametrize("case,setup,message", STUDY_CASES, ids=[c[0] for c in STUDY_CASES])
 def test_bad_study_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, monkeypatch, case, setup, message):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    argv = setup(tmp_path)
-    before = snapshot(tmp_path)
-    code = run_cli(study_mod.main, [*map(str, argv), "--workers", "1"], prog="whatislost-study")
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1, err
-    assert snapshot(tmp_path) == before
+    assert_refused(tmp_path, monkeypatch, capsys, setup, lambda argv: run_cli(
+        study_mod.main, [*map(str, argv), "--workers", "1"], prog="whatislost-study"), message)
     assert not (tmp_path / "o" / "runs").exists()
 
 

@@ -58,11 +58,11 @@ import torch
 from .cka import cka_step, write_cka
 from .cli import UserError, progress, run_cli, timed, warn
 from .config import resolve_device
-from .data import load_data
 from .identity import DENSE
 from .metrics import mean_std, q_score
-from .populations import (CKA_SAMPLES, Population, accuracy_mean_std, assign_references, collect_populations,
-                          find_pies, load_population_data, probe_count, reference_preds, score_population)
+from .populations import (CKA_SAMPLES, Population, accuracy_mean_std, assign_references, cached_run_data,
+                          collect_populations, find_pies, load_population_data, probe_count, reference_preds,
+                          score_population)
 from .rundir import find_runs
 from .significance import (CI_LEVEL, CORRECTIONS, STATS_SEED, add_recall_counts, check_stats, class_tests,
                            other_rule, pie_comparisons, warn_ties, write_significance)
@@ -237,15 +237,15 @@ def run_eval(runs_dir, out=None, device="cpu", metrics=DEFAULT_METRICS, depth_mo
     from .evalfolder import check_out_folder
 
     check_out_folder(out)  # a folder that is not ours, or not writable: refused before anything is loaded
+    data_cache: dict = {}  # source -> ImageData (or the UserError loading it gave), shared by all that needs data
     if "depth" in metrics and depth_models > 0:
-        check_knn_k(runs_dir, knn_k)
+        check_knn_k(runs_dir, knn_k, data_cache)
     log: list = []
     pops = collect_populations(runs_dir, log)
     if not pops:
         raise UserError(f"no finished runs (done.json) under {runs_dir}")
     assign_references(pops, log)
 
-    data_cache: dict = {}
     scored, n_computed = {}, 0
     timing: dict = {}
     stats = dict(n_boot=n_boot, level=CI_LEVEL, seed=STATS_SEED, n_perm=n_perm, alpha=alpha, correction=correction)
@@ -506,30 +506,28 @@ def write_umap(out: Path, scored: dict, pies: dict):
         pd.concat(frames).to_csv(out / "figdata" / f"umap_{group}.csv", index=False, float_format="%.4f")
 
 
-def check_knn_k(runs_dir: Path, knn_k: int):
+def check_knn_k(runs_dir: Path, knn_k: int, data_cache: dict):
     """UserError unless k <= the training set size of every data set the finished runs under runs_dir used.
 
     Read from each run's config.yaml and the data set (not the checkpoints), so that a k the kNN
-    probes cannot use is refused before any model is loaded. Runs or data sets that cannot be
-    read are left to the scoring, which warns about them."""
+    probes cannot use is refused before any model is loaded; the data is loaded into the eval's
+    data_cache, so scoring does not load it again. Runs or data sets that cannot be read are left
+    to the scoring, which warns about them."""
     import yaml
 
-    sources = set()
     for run_dir in find_runs(runs_dir)[0]:
         try:
             cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-            sources.add((str(cfg["dataset"]), str(cfg.get("data_root") or ""), int(cfg.get("train_per_class") or 0)))
+            data = cached_run_data(cfg, data_cache)
         except Exception:
             continue
-    for source in sorted(sources):
-        try:
-            n = len(load_data(source[0], source[1], source[2]).train_y)
-        except Exception:
+        if isinstance(data, UserError):
             continue
+        n = len(data.train_y)
         if knn_k > n:
-            raise UserError(f"--knn-k {knn_k} is larger than the training set of {source[0]}"
-                            f"{' at ' + source[1] if source[1] else ''} ({n} images): the prediction-depth kNN "
-                            f"probes need k <= {n}")
+            raise UserError(f"--knn-k {knn_k} is larger than the training set of {cfg['dataset']}"
+                            f"{' at ' + cfg['data_root'] if cfg.get('data_root') else ''} ({n} images): the "
+                            f"prediction-depth kNN probes need k <= {n}")
 
 
 # ---------------------------------------------------------------- command line

@@ -128,16 +128,16 @@ class EncoderHead(nn.Module):
         return self.head(self.encoder(x))
 
 
-class WideResNet(nn.Module):
-    """encoder -> h (B, 64k) -> classifier -> logits (B, num_classes). `head` exists only while SCL trains."""
+class SplitNetwork(nn.Module):
+    """encoder -> h (B, encoder.dim) -> classifier -> logits (B, num_classes); `head` (the SupCon projection
+    MLP) exists only while SCL trains. Convolutions get Kaiming fan-out init, Linear biases zero."""
 
-    def __init__(self, depth: int = 16, widen: int = 2, in_channels: int = 3, num_classes: int = 10,
-                 projection_head: bool = False):
+    def __init__(self, encoder: nn.Module, num_classes: int, projection_head: bool, arch: dict):
         super().__init__()
-        self.arch = dict(depth=depth, widen=widen, in_channels=in_channels, num_classes=num_classes)
-        self.encoder = Encoder(depth, widen, in_channels)
-        self.classifier = nn.Linear(self.encoder.dim, num_classes)
-        self.head = ProjectionHead(self.encoder.dim) if projection_head else None
+        self.arch = arch
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.dim, num_classes)
+        self.head = ProjectionHead(encoder.dim) if projection_head else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -146,6 +146,15 @@ class WideResNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.encoder(x))
+
+
+class WideResNet(SplitNetwork):
+    """WideResNet-depth-k: h is (B, 64k)."""
+
+    def __init__(self, depth: int = 16, widen: int = 2, in_channels: int = 3, num_classes: int = 10,
+                 projection_head: bool = False):
+        super().__init__(Encoder(depth, widen, in_channels), num_classes, projection_head,
+                         dict(depth=depth, widen=widen, in_channels=in_channels, num_classes=num_classes))
 
 
 def build_model(arch: dict, projection_head: bool = False) -> nn.Module:
@@ -270,21 +279,9 @@ class ResNetEncoder(nn.Module):
         return (h, hidden) if return_hidden else h
 
 
-class ResNet18(nn.Module):
-    """encoder -> h (B, 512) -> classifier -> logits; `head` (SupCon projection MLP) only while SCL trains.
-    11,173,962 parameters with 3 input channels and 10 classes (the CIFAR ResNet-18)."""
+class ResNet18(SplitNetwork):
+    """The CIFAR ResNet-18: h is (B, 512); 11,173,962 parameters with 3 input channels and 10 classes."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, projection_head: bool = False):
-        super().__init__()
-        self.arch = dict(name="resnet18", in_channels=in_channels, num_classes=num_classes)
-        self.encoder = ResNetEncoder(in_channels)
-        self.classifier = nn.Linear(self.encoder.dim, num_classes)
-        self.head = ProjectionHead(self.encoder.dim) if projection_head else None
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        return self.classifier(self.encoder(x))
+        super().__init__(ResNetEncoder(in_channels), num_classes, projection_head,
+                         dict(name="resnet18", in_channels=in_channels, num_classes=num_classes))

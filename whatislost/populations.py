@@ -256,23 +256,28 @@ def assign_references(pops: dict, log: list):
                   + (f", one of {len(found)} that qualify" if len(found) > 1 else ", matched by data set name only"), log)
 
 
-def load_population_data(pop: Population, cache: dict, log: list) -> ImageData | None:
-    """The population's own data, from where its first run was trained, checked against the fingerprint
-    its runs recorded (None, with a warning, when it is missing or has changed since)."""
-    cfg = pop.runs[0][2]
+def cached_run_data(cfg: dict, cache: dict) -> ImageData | UserError:
+    """The data a run's saved config names, loaded once per eval (cache: source -> data, or the UserError it gave)."""
     source = (cfg["dataset"], cfg.get("data_root", ""), cfg.get("train_per_class", 0), cfg.get("test_per_class", 0))
     if source not in cache:
         try:
             cache[source] = load_run_data(cfg)
         except UserError as err:
             cache[source] = err
-    data = cache[source]
+    return cache[source]
+
+
+def load_population_data(pop: Population, cache: dict, log: list) -> ImageData | None:
+    """The population's own data, from where its first run was trained, checked against the fingerprint
+    its runs recorded (None, with a warning, when it is missing or has changed since)."""
+    cfg = pop.runs[0][2]
+    data = cached_run_data(cfg, cache)
     if isinstance(data, UserError):
         warn(f"population {pop.key.label} ({pop.key.group}) skipped: {data}", log)
         return None
     recorded = pop.identity.get("data", "")
     if ":" not in recorded and recorded != data.fingerprint:  # (older versions recorded no fingerprint)
-        warn(f"population {pop.key.label} ({pop.key.group}) skipped: the data at {source[1] or source[0]} has "
+        warn(f"population {pop.key.label} ({pop.key.group}) skipped: the data at {cfg.get('data_root') or cfg['dataset']} has "
               f"changed since its runs were trained (fingerprint {data.fingerprint}, recorded {recorded})", log)
         return None
     return data

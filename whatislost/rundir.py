@@ -38,7 +38,7 @@ import torch
 
 from .cli import UserError, first_line
 from .pruning import measure, sparsity_report
-from .models import WideResNet, build_model
+from .models import SplitNetwork, build_model
 
 log = logging.getLogger("whatislost")
 
@@ -54,7 +54,13 @@ OWN_NAMES = {MARK, LOCK, DONE, CHECKPOINT, STATE, "config.yaml", "recipe.yaml", 
 
 
 def _own(name: str) -> bool:
-    return name in OWN_NAMES or name.endswith(".tmp") or name.startswith((".tmp-", ".whatislost-export-"))
+    return (name in OWN_NAMES or name.endswith(".tmp") or is_temp_name(name)
+            or name.startswith((".tmp-", ".whatislost-export-")))
+
+
+def is_temp_name(name: str) -> bool:
+    """A temporary file of atomic_path ('.model.1234-9f3a2c1d.tmp.pt'), left behind only by a crash."""
+    return name.startswith(".") and ".tmp" in name
 
 
 # ---------------------------------------------------------------- atomic files
@@ -267,7 +273,7 @@ class RunClaim:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, model: WideResNet, **meta) -> str:
+def save_checkpoint(run_dir: Path, model: SplitNetwork, **meta) -> str:
     """State dict (projection head dropped) + model arch + metadata, weights_only-loadable; returns its SHA-256."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     return atomic_torch_save({"state_dict": state, "arch": dict(model.arch), **meta}, Path(run_dir) / CHECKPOINT)
@@ -287,7 +293,7 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     return ckpt
 
 
-def load_model(run_dir: str | Path) -> tuple[WideResNet, dict]:
+def load_model(run_dir: str | Path) -> tuple[SplitNetwork, dict]:
     """(model in eval mode, checkpoint dict) of a run directory."""
     ckpt = load_checkpoint(run_dir)
     try:

@@ -42,7 +42,7 @@ from .data import load_run_data
 from .identity import DENSE, population_id, run_hash, run_identity, study_run_name
 from .metrics import mean_std
 from .pruning import load_manager
-from .train import prunes_linear_stage
+from .train import prunes_linear_stage, pruned_stage_epochs
 from .rundir import atomic_write_text, is_finished, read_done
 from .studyfile import EvalSettings, Study, load_study
 
@@ -142,8 +142,7 @@ def plan_runs(runs: list[Run]) -> dict:
             if cfg.dataset != "digits" and not Path(cfg.data_root).exists():
                 raise UserError(f"data_root {cfg.data_root} does not exist (relative to {os.getcwd()})")
             data[source] = load_run_data(cfg).fingerprint
-        recipe = applied(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars,
-                         run.population)
+        recipe = applied(cfg.recipe, pruned_stage_epochs(cfg), cfg.sparsity, cfg.recipe_vars, run.population)
         linear = ""
         if prunes_linear_stage(cfg):
             linear = applied(cfg.linear_recipe, cfg.linear_epochs, cfg.sparsity, cfg.linear_recipe_vars, run.population)
@@ -151,6 +150,7 @@ def plan_runs(runs: list[Run]) -> dict:
         identity = run_identity(cfg.to_dict(), recipe, data[source], linear, init_population)
         planned[run.name] = Expected(run_hash(identity, cfg.seed, cfg.method_name), population_id(identity))
     return planned
+
 
 def saved_config(run: Run) -> dict:
     """The config.yaml a finished run was trained with ({} if unreadable)."""

@@ -58,8 +58,8 @@ class LRSchedule:
     """A stage's learning-rate schedule from torch's schedulers, advanced per step or per epoch.
 
     cosine: CosineAnnealingLR down to lr_min; multistep: MultiStepLR(milestones in epochs, gamma);
-    multistep+cosine: both, chained (the authors' linear classifier); constant: none. When the
-    recipe schedules the learning rate itself, the built-in schedule steps aside (kind 'recipe').
+    multistep+cosine: both, chained (the authors' linear classifier); constant: none (also what
+    run_stage asks for when the recipe schedules the learning rate itself).
     """
 
     def __init__(self, optimizer, kind: str, epochs: int, steps_per_epoch: int, per: str = "step",
@@ -148,8 +148,8 @@ class Checkpointer:
 
 
 def all_finite(tensors) -> bool:
-    """One host sync for many tensors: are all their values finite?"""
-    checks = [t.detach().isfinite().all() for t in tensors if t.is_floating_point()]
+    """One host sync for many tensors (None skipped): are all their values finite?"""
+    checks = [t.detach().isfinite().all() for t in tensors if t is not None and t.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
 
 
@@ -157,8 +157,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
               checkpointer: Checkpointer | None = None, loggers=None):
     """Train one stage: SGD + its schedule, wrapped by its SparseML recipe when it has one.
 
-    No host synchronisation inside an epoch: loss sums, correct counts and the non-finite flag
-    stay on the device and are read once at the epoch's end, where the epoch is logged.
+    No host synchronisation inside an epoch: the loss sum and correct counts stay on the device and
+    are read once at the epoch's end, where the epoch is logged (and checked to be finite).
     """
     optimizer = torch.optim.SGD(stage.params, lr=stage.lr, momentum=cfg.momentum, nesterov=stage.nesterov,
                                 weight_decay=stage.weight_decay)
@@ -177,7 +177,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
     for epoch in range(start, stage.epochs):
         (stage.train_mode or stage.module.train)()
         t0 = time.perf_counter()
-        total_loss = correct = nonfinite = None
+        total_loss = correct = None
         seen, lr_applied = 0, optimizer.param_groups[0]["lr"]
         batches = tqdm(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not show_bar)
         for views, y in batches:
@@ -189,16 +189,15 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
             lr_applied = optimizer.param_groups[0]["lr"]  # as applied by this step (a recipe may set it)
             schedule.after_step()
             loss = loss.detach().float()
-            bad = ~torch.isfinite(loss)
             total_loss = loss * len(y) if total_loss is None else total_loss + loss * len(y)
-            nonfinite = bad if nonfinite is None else nonfinite | bad
             if n_correct is not None:
                 correct = n_correct if correct is None else correct + n_correct
             seen += len(y)
         schedule.after_epoch()
         seconds = time.perf_counter() - t0
         steps = len(stage.loader)
-        if (nonfinite is not None and bool(nonfinite)) or not all_finite(p for p in stage.module.parameters()):
+        # the running loss sum is non-finite iff some step's loss was: one flag, read here, not per step
+        if not all_finite([total_loss, *stage.module.parameters()]):
             raise UserError(f"run {cfg.out}: the loss or the weights became non-finite in {stage.name} epoch {epoch + 1} "
                             f"(steps {epoch * steps + 1}-{(epoch + 1) * steps}); lower the learning rate (lr "
                             f"{stage.lr:g}) or check the data")
@@ -211,6 +210,11 @@ def run_stage(stage: Stage, cfg: TrainConfig, epoch_log: EpochLog, run_dir: Path
             checkpointer.save(index, epoch, stage, optimizer, schedule)
     if stage.manager is not None:
         stage.manager.finalize(stage.module)
+
+
+def ce_and_correct(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float):
+    """logits (B, C), y (B,) -> (cross-entropy loss, number correct), both on the device (a step_loss's result)."""
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing), (logits.argmax(1) == y).sum()
 
 
 @torch.no_grad()
@@ -283,6 +287,11 @@ class Plan:
     unit: str = "weights"  # what the recipe's target counts: weights, or filters / channels (structured)
 
 
+def pruned_stage_epochs(cfg: TrainConfig) -> int:
+    """The length of the stage the recipe wraps (its num_epochs): the fine-tune for One-Shot, else the main stage."""
+    return cfg.finetune_epochs if cfg.init else cfg.epochs
+
+
 def prunes_linear_stage(cfg: TrainConfig) -> bool:
     """Whether the SCL linear stage runs under `linear_recipe`: an SCL run trained from scratch, with a
     linear stage and a target sparsity (the authors prune the classifier to the run's sparsity)."""
@@ -296,7 +305,7 @@ def plan_run(cfg: TrainConfig, data: ImageData | None = None) -> Plan:
     check_loggers(cfg.loggers)
     if recipe_from_dense(cfg.recipe) and not cfg.init:
         raise UserError(f"recipe {cfg.recipe} prunes a trained model (it declares from_dense): pass --init DENSE_RUN_DIR")
-    manager = load_manager(cfg.recipe, cfg.finetune_epochs if cfg.init else cfg.epochs, cfg.sparsity, cfg.recipe_vars)
+    manager = load_manager(cfg.recipe, pruned_stage_epochs(cfg), cfg.sparsity, cfg.recipe_vars)
     unit = recipe_unit(cfg.recipe)
     linear_manager = None
     # (the same rule as study.plan_runs: a One-Shot run's classifier, SupCon-fine-tuned or not, has no linear recipe)
@@ -415,8 +424,7 @@ def execute(plan: Plan, work: Path, resume: dict | None) -> dict:
         return torch.compile(fn, backend=backend, mode=cfg.compile_mode if backend == "inductor" else None)
 
     def ce_step(views, y):
-        logits = model(views[0])
-        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
+        return ce_and_correct(model(views[0]), y, cfg.label_smoothing)
 
     def supcon_of(z, y):  # z (V*B, D), view-major
         return supcon_loss(z.view(-1, len(y), z.shape[-1]).transpose(0, 1), y, cfg.temperature, cfg.base_temperature)
@@ -538,8 +546,7 @@ def linear_stage(cfg: TrainConfig, model: nn.Module, manager, sup_batches, loade
         def step(views, y):
             with torch.no_grad():
                 h = encoder(views[0])
-            logits = classifier(h.float())
-            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
+            return ce_and_correct(classifier(h.float()), y, cfg.label_smoothing)
 
         batches, step_loss = sup_batches(cfg.linear_batch_size), compiled(step)
         evaluate = lambda: accuracy(model, test_loader, cfg.bf16)  # noqa: E731
@@ -548,8 +555,7 @@ def linear_stage(cfg: TrainConfig, model: nn.Module, manager, sup_batches, loade
         h_test, y_test = features(test_loader)
 
         def step_loss(views, y):
-            logits = classifier(views[0])
-            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), (logits.argmax(1) == y).sum()
+            return ce_and_correct(classifier(views[0]), y, cfg.label_smoothing)
 
         @torch.no_grad()
         def evaluate():
